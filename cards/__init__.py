@@ -1,0 +1,1 @@
+"""CDS Hooks cards and Da Vinci CRD system actions built from decisions."""

@@ -1,0 +1,156 @@
+"""What the policy engine produces: facts with evidence, criteria with a three-valued status, a decision.
+
+These types are the contract between `fhir_mappings` (which computes them) and `cards` (which renders
+them). They are plain, immutable data so a decision can be logged, compared in tests and explained
+line by line without re-running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One piece of FHIR data a fact or criterion rests on."""
+
+    reference: str  # "Condition/123"; draft orders keep their own id ("MedicationRequest/draft-1")
+    date: str | None = None  # ISO 8601 date or dateTime as found in the resource
+    code: str | None = None  # "ICD-10-CM F33.2", "LOINC 44261-6", "RxNorm 36437"
+    display: str | None = None  # human label of the code or resource
+    value: str | None = None  # "18", "172/95 mm[Hg]", "84 % of days covered"
+    note: str | None = None  # how the evidence was interpreted
+
+    def to_json(self) -> dict[str, str]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class FactState(StrEnum):
+    PRESENT = "present"  # the fact has a value backed by evidence
+    ABSENT = "absent"  # the data it depends on was read completely and holds nothing
+    UNAVAILABLE = "unavailable"  # the data could not be read (or only partly, with nothing found)
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A named statement about the patient or the order, with the evidence behind it."""
+
+    name: str
+    state: FactState
+    value: Any = None
+    evidence: tuple[Evidence, ...] = ()
+    detail: str = ""  # PHI-free explanation: why unavailable, which window, how computed
+
+    @property
+    def present(self) -> bool:
+        return self.state is FactState.PRESENT
+
+
+class Status(StrEnum):
+    """Three-valued criterion status. For an exclusion, MET means the exclusion holds."""
+
+    MET = "met"
+    NOT_MET = "not-met"
+    UNKNOWN = "unknown"
+
+
+class CriterionKind(StrEnum):
+    REQUIREMENT = "requirement"
+    EXCLUSION = "exclusion"
+
+
+@dataclass(frozen=True)
+class CriterionResult:
+    id: str
+    kind: CriterionKind
+    title: str
+    quote: str  # the policy sentence implemented
+    status: Status
+    evidence: tuple[Evidence, ...] = ()
+    explanation: str = ""  # what the data showed, in one or two sentences
+    missing: str = ""  # the exact ask when status is UNKNOWN (or what would change a NOT_MET)
+    cleared_by: tuple[Evidence, ...] = ()  # exclusion present but lifted by documented clearance
+    case_by_case: bool = False  # the policy leaves it to individual review: needs documentation, not a guess
+
+    def evidence_refs(self) -> list[str]:
+        refs: list[str] = []
+        for ev in (*self.evidence, *self.cleared_by):
+            if ev.reference not in refs:
+                refs.append(ev.reference)
+        return refs
+
+
+class Outcome(StrEnum):
+    LIKELY_AUTHORIZED = "likely-authorized"
+    CRITERIA_NOT_MET = "criteria-not-met"
+    BLOCKED = "blocked"
+    DOCUMENTATION_NEEDED = "documentation-needed"
+    NOT_COVERED = "not-covered"
+    PLAN_VARIATION = "plan-variation"
+    NOT_APPLICABLE = "not-applicable"
+    NO_POLICY = "no-policy"  # no active coverage, ambiguous coverage or a payer without a policy here
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """The policy a decision was made under, as the card names it."""
+
+    id: str  # "mgbhp-031"
+    title: str
+    number: str  # "Medical Policy 031"
+    payer: str  # "Mass General Brigham Health Plan"
+    url: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one group of draft orders (one service) under one policy, with its reasons."""
+
+    outcome: Outcome
+    order_refs: tuple[str, ...]  # the draft orders this decision is about ("MedicationRequest/abc")
+    order_label: str  # human-friendly: "IV ketamine infusion (MedicationRequest/abc)"
+    policy: PolicyRef | None = None
+    phase: str | None = None  # "initial" | "reauthorization" (policies with phases), else None
+    criteria: tuple[CriterionResult, ...] = ()
+    coverage_ref: str | None = None  # "Coverage/123" the decision assumed, when one was identified
+    headline: str = ""  # one sentence on why (names the failing requirement / exclusion / program)
+    notes: tuple[str, ...] = ()  # informational notes: dosing, plan details, obligations after service
+    obligations: tuple[str, ...] = ()  # documentation the policy requires after a covered service
+    program: str | None = (
+        None  # plan-variation: the governing program ("CMS Medicare Benefit Policy Manual ch. 15")
+    )
+    links: tuple[tuple[str, str], ...] = ()  # (label, absolute URL) of references the card should link
+    authorization_days: int | None = None  # length of the authorization the phase asks for
+    mapping_version: str = ""
+    facts: tuple[Fact, ...] = field(default=(), compare=False)  # for explain tools; not rendered
+
+    def by_status(self, kind: CriterionKind, status: Status) -> list[CriterionResult]:
+        return [c for c in self.criteria if c.kind is kind and c.status is status]
+
+    def to_extension(self) -> dict[str, Any]:
+        """The machine-readable `ketamine-cds.decision` card extension."""
+        ext: dict[str, Any] = {
+            "policy": self.policy.id if self.policy else None,
+            "outcome": self.outcome.value,
+            "orders": list(self.order_refs),
+            "criteria": [
+                {
+                    "id": c.id,
+                    "kind": c.kind.value,
+                    "status": c.status.value,
+                    "evidence": c.evidence_refs(),
+                    **({"cleared": True} if c.cleared_by else {}),
+                    **({"caseByCase": True} if c.case_by_case else {}),
+                }
+                for c in self.criteria
+            ],
+        }
+        if self.phase:
+            ext["phase"] = self.phase
+        if self.program:
+            ext["program"] = self.program
+        if self.mapping_version:
+            ext["mappingVersion"] = self.mapping_version
+        return {k: v for k, v in ext.items() if v is not None}

@@ -1,0 +1,1 @@
+"""Sandbox: an offline FHIR server, scenario patients and an EHR simulator that fires hooks."""
