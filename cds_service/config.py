@@ -40,8 +40,7 @@ class ServiceConfig:
     public_base_url: str | None = field(
         default=None,
         metadata={
-            "help": "URL clients use to reach the service (JWT `aud` is computed from it); "
-            "default http://HOST:PORT"
+            "help": "URL clients use to reach the service (JWT `aud` is computed from it); default http://HOST:PORT"
         },
     )
     trusted_issuers: str | None = field(
@@ -52,15 +51,11 @@ class ServiceConfig:
     )
     database: str = field(
         default="sqlite:///ketamine-cds.db",
-        metadata={
-            "help": "audit/feedback store: sqlite:///file.db, sqlite:////abs/path.db or postgresql://..."
-        },
+        metadata={"help": "audit/feedback store: sqlite:///file.db, sqlite:////abs/path.db or postgresql://..."},
     )
     lenient: bool = field(
         default=False,
-        metadata={
-            "help": "accept CDS Hooks sandbox quirks (Bundle without type, orders without intent/requester)"
-        },
+        metadata={"help": "accept CDS Hooks sandbox quirks (Bundle without type, orders without intent/requester)"},
     )
     site_config: str | None = field(
         default=None, metadata={"help": "YAML/JSON site configuration (local codes, credentialed clinics)"}
@@ -141,9 +136,7 @@ def _coerce(f: Any, raw: Any) -> Any:
     return str(raw)
 
 
-def config_from(
-    args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> ServiceConfig:
+def config_from(args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
     """Build a config: CLI value if given, else environment variable, else the default."""
     args = args or {}
     environ = os.environ if environ is None else environ

@@ -118,9 +118,7 @@ class Decision:
     headline: str = ""  # one sentence on why (names the failing requirement / exclusion / program)
     notes: tuple[str, ...] = ()  # informational notes: dosing, plan details, obligations after service
     obligations: tuple[str, ...] = ()  # documentation the policy requires after a covered service
-    program: str | None = (
-        None  # plan-variation: the governing program ("CMS Medicare Benefit Policy Manual ch. 15")
-    )
+    program: str | None = None  # plan-variation: the governing program ("CMS Medicare Benefit Policy Manual ch. 15")
     links: tuple[tuple[str, str], ...] = ()  # (label, absolute URL) of references the card should link
     authorization_days: int | None = None  # length of the authorization the phase asks for
     mapping_version: str = ""

@@ -21,7 +21,9 @@ class Availability(StrEnum):
     """How much of one query's data the record holds."""
 
     READ = "read"  # fully read (possibly zero results): absence of evidence is meaningful
-    PARTIAL = "partial"  # some pages read, the rest not (paging bound, failure mid-way): evidence counts, absence does not
+    PARTIAL = (
+        "partial"  # some pages read, the rest not (paging bound, failure mid-way): evidence counts, absence does not
+    )
     UNAVAILABLE = "unavailable"  # nothing usable: neither prefetched nor fetched
 
 
@@ -33,9 +35,7 @@ class QueryOutcome:
     resource_types: tuple[str, ...]
     availability: Availability
     source: str  # "prefetch" | "fhir-server" | "none"
-    reason: str = (
-        ""  # short, PHI-free: "timeout", "HTTP 403", "no fhirServer", "OperationOutcome in prefetch"
-    )
+    reason: str = ""  # short, PHI-free: "timeout", "HTTP 403", "no fhirServer", "OperationOutcome in prefetch"
     pages: int = 0
 
 
