@@ -71,11 +71,13 @@ class PatientRecord:
     unresolved_references: Mapping[str, str] = field(default_factory=dict)
     # Whether the gatherer could have resolved further references (a usable FHIR server was available).
     references_resolvable: bool = False
+    # Bundle entry fullUrl -> resource, so `urn:uuid:` and absolute references resolve too.
+    full_urls: Mapping[str, Resource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_type: dict[str, list[Resource]] = {}
         self._by_key: dict[str, Resource] = {}
-        self._by_full_url: dict[str, Resource] = {}
+        self._by_full_url: dict[str, Resource] = dict(self.full_urls)
         for resource in [*self.resources, *self.draft_orders]:
             self._index(resource)
 
@@ -90,9 +92,6 @@ class PatientRecord:
         self._by_type.setdefault(rtype, []).append(resource)
         if key:
             self._by_key[key] = resource
-        full_url = resource.get("_fullUrl")
-        if isinstance(full_url, str):
-            self._by_full_url[full_url] = resource
 
     # -- reading -----------------------------------------------------------------------------------
     def of_type(self, resource_type: str) -> list[Resource]:
