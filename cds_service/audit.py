@@ -1,0 +1,644 @@
+"""Audit trail and feedback store: one SQLAlchemy Core schema for SQLite (default) and PostgreSQL.
+
+Why it exists: CRD servers "SHALL retain logs of all CRD-related hook invocations and their responses", and
+CDS Hooks feedback must be stored idempotently. Both go to the same database.
+
+Design:
+- Hook-call records are written by one background thread from a bounded queue, batched into one transaction,
+  so auditing never adds database latency to a clinician's request. When the queue is full the record is
+  dropped and counted (a warning is logged) instead of blocking the request.
+- Feedback is written synchronously, because the client must only get its 200 once the feedback is stored.
+  Idempotency uses the dialect's ``INSERT … ON CONFLICT DO NOTHING``: one statement, no read-then-write race
+  between gunicorn processes, no per-row savepoints (a failed INSERT aborts a whole PostgreSQL transaction).
+- Nothing here stores tokens: `HookCallRecord` has no field for `fhirAuthorization`, and any key that names a
+  token is scrubbed from the JSON payloads before writing. Log lines carry counts and exception classes only,
+  never patient data (the stored rows contain patient ids: the database itself is the access-controlled store).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import logging
+import os
+import queue
+import re
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+    text,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateSchema
+
+logger = logging.getLogger(__name__)
+
+#: Keys removed from any JSON payload before it is stored (compared case-insensitively).
+SECRET_KEYS: frozenset[str] = frozenset({"access_token", "refresh_token", "id_token", "fhirauthorization"})
+
+SQLITE_BUSY_TIMEOUT_S = 10.0  # how long a writer waits for another process's write lock before failing
+MAX_BATCH = 500  # call records written per transaction by the background writer
+_TRANSIENT_RETRY_DELAYS_S = (0.2, 1.0)  # back-off before retrying a batch after a connection/lock error
+_DROP_WARNING_INTERVAL_S = 30.0  # at most one "queue full" warning per interval, so a flood cannot flood the log
+_PG_DDL_LOCK_KEY = 0x6B6574616D696E  # pg_advisory_xact_lock key: serialises CREATE TABLE across workers
+_STOP = object()  # queue sentinel that tells the writer thread to exit
+
+
+class AuditStoreError(RuntimeError):
+    """The store cannot be opened or cannot store data. Messages never contain a password."""
+
+
+@dataclass(frozen=True)
+class HookCallRecord:
+    """What happened on one call to the hook or feedback endpoint (the audit row)."""
+
+    received_at: datetime  # UTC
+    service_id: str
+    endpoint: str  # "hook" | "feedback"
+    hook: str | None
+    hook_instance: str | None
+    status_code: int
+    latency_ms: float
+    outcome: str | None  # "triaged-out" | "evaluated" | "refused" | "error" (what happened to the call)
+    decisions: list[dict]  # per decision: {"policy", "outcome", "orders", "phase"} (may be empty)
+    cards: list[dict]  # the cards returned (may be empty)
+    system_actions: list[dict]
+    mapping_version: str | None
+    issuer: str | None  # JWT iss of the caller (None with --insecure-no-auth)
+    patient_id: str | None  # context.patientId (audit needs it; access-controlled store; never in logs)
+    user_id: str | None
+    fhir_server: str | None
+    error: str | None  # short PHI-free reason for 4xx/5xx ("invalid request: context.draftOrders missing")
+
+
+@dataclass(frozen=True)
+class FeedbackItem:
+    """One validated CDS Hooks feedback entry (see `cds_service.feedback.parse_feedback`)."""
+
+    card_uuid: str
+    outcome: str  # "accepted" | "overridden"
+    outcome_timestamp: datetime  # UTC, parsed
+    accepted_suggestions: tuple[str, ...]
+    override_reason: dict | None  # normalised {"code", "system", "display"?} or None
+    user_comment: str | None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# URLs
+
+
+def redact_url(raw: str) -> str:
+    """Hide the password of a database URL, even one SQLAlchemy cannot parse.
+
+    Greedy up to the last '@' on purpose: an unencoded '@' inside a password must not leak its tail
+    (SQLAlchemy's own `render_as_string(hide_password=True)` leaks it). Over-redacting is harmless.
+    """
+    redacted = re.sub(r"(://[^:/@?#]*:).*@", r"\1***@", raw)
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", redacted)
+
+
+def normalise_database_url(raw: str) -> URL:
+    """Parse a `--database` URL and pick our drivers: pysqlite for SQLite, psycopg 3 for PostgreSQL.
+
+    Accepts ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``, ``sqlite://`` (in memory),
+    ``postgresql://…`` and ``postgres://…`` (mapped to ``postgresql+psycopg://``).
+    """
+    try:
+        url = make_url(raw)
+    except Exception:  # ArgumentError or ValueError (bad port); their messages echo the URL, so say it ourselves
+        raise AuditStoreError(f"cannot parse database URL {redact_url(raw)!r}") from None
+    backend, _, driver = url.drivername.partition("+")
+    if backend in {"postgresql", "postgres"} and driver in {"", "psycopg"}:
+        authority = raw.partition("://")[2].partition("?")[0]
+        if authority.count("@") > 1:
+            # SQLAlchemy would take the password's tail for the host name, and the driver would echo it.
+            raise AuditStoreError(
+                f"cannot parse database URL {redact_url(raw)!r}: percent-encode '@' in the password as %40"
+            )
+        return url.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in {"", "pysqlite"}:
+        return url.set(drivername="sqlite")
+    raise AuditStoreError(
+        f"unsupported database URL {redact_url(raw)!r}: use sqlite:///file.db or postgresql://user@host:5432/db"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+def _build_tables(schema: str | None) -> tuple[MetaData, Table, Table]:
+    """Describe both tables; built per store because the PostgreSQL schema is chosen per store."""
+    json_type = JSON().with_variant(pg_dialect.JSONB(), "postgresql")
+    metadata = MetaData(schema=schema)
+    hook_calls = Table(
+        "hook_calls",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("received_at", DateTime(timezone=True), nullable=False),
+        Column("service_id", Text, nullable=False),
+        Column("endpoint", Text, nullable=False),
+        Column("hook", Text),
+        Column("hook_instance", Text),
+        Column("status_code", Integer, nullable=False),
+        Column("latency_ms", Float, nullable=False),
+        Column("outcome", Text),
+        Column("decisions", json_type, nullable=False),
+        Column("cards", json_type, nullable=False),
+        Column("system_actions", json_type, nullable=False),
+        Column("mapping_version", Text),
+        Column("issuer", Text),
+        Column("patient_id", Text),
+        Column("user_id", Text),
+        Column("fhir_server", Text),
+        Column("error", Text),
+        Index("ix_hook_calls_received_at", "received_at"),
+        Index("ix_hook_calls_hook_instance", "hook_instance"),
+    )
+    feedback = Table(
+        "feedback",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("received_at", DateTime(timezone=True), nullable=False),
+        Column("service_id", Text, nullable=False),
+        Column("card_uuid", Text, nullable=False),
+        Column("outcome", Text, nullable=False),
+        Column("outcome_timestamp", DateTime(timezone=True), nullable=False),
+        Column("accepted_suggestions", json_type, nullable=False),
+        Column("override_reason", json_type),
+        Column("user_comment", Text),
+        Column("issuer", Text),
+        UniqueConstraint("service_id", "card_uuid", "outcome", "outcome_timestamp", name="uq_feedback_item"),
+        Index("ix_feedback_card_uuid", "card_uuid"),
+    )
+    return metadata, hook_calls, feedback
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def scrub_secrets(value: Any) -> Any:
+    """Return a copy of a JSON-like value without any key that names a token, at any depth.
+
+    Defence in depth: the service never puts tokens into cards, but a stored token would outlive its
+    purpose, so a bug elsewhere must not be able to persist one. The input is not modified.
+    """
+    if isinstance(value, Mapping):
+        return {key: scrub_secrets(item) for key, item in value.items() if str(key).lower() not in SECRET_KEYS}
+    if isinstance(value, list | tuple):
+        return [scrub_secrets(item) for item in value]
+    return value
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """Naive datetimes are taken as UTC (SQLite returns them naive); aware ones are converted."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _describe(exc: BaseException, password: str | None = None) -> str:
+    """A short, PHI-free description of a database error for logs and messages.
+
+    Only the driver's first line: PostgreSQL's DETAIL line (second line) can quote row values.
+    Bound parameters are never included (the engine uses hide_parameters=True). The password, if given,
+    is blanked in case a driver ever echoes it.
+    """
+    original = getattr(exc, "orig", None) or exc
+    first_line = redact_url((str(original).strip().splitlines() or [""])[0][:200])
+    if password:
+        first_line = first_line.replace(password, "***")
+    return f"{type(original).__name__}: {first_line}" if first_line else type(original).__name__
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: lost connections, a locked SQLite file, a PostgreSQL restart."""
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError)
+
+
+def _close_at_exit(store_ref: weakref.ref[AuditStore]) -> None:
+    """atexit hook: the writer is a daemon thread, so queued records would otherwise be lost at exit."""
+    store = store_ref()
+    if store is not None:
+        store.close()
+
+
+def _reset_after_fork(store_ref: weakref.ref[AuditStore]) -> None:
+    """In a forked child (gunicorn --preload): fresh locks, queue and pool; the parent keeps its own."""
+    store = store_ref()
+    if store is not None:
+        store._reset_in_child()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The store
+
+
+class AuditStore:
+    """Hook-call audit records and feedback in one SQLite or PostgreSQL database.
+
+    `schema` (PostgreSQL only) puts the tables into that schema, creating it if missing; tests use a fresh
+    schema per run for isolation, deployments may use it to separate the audit tables from other data.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        asynchronous: bool = True,
+        queue_size: int = 10000,
+        schema: str | None = None,
+    ) -> None:
+        self._url = normalise_database_url(url)
+        self._safe_url = redact_url(url)
+        self._asynchronous = asynchronous
+        self._queue_size = queue_size
+        self._schema = schema
+        if schema is not None and self._url.get_backend_name() != "postgresql":
+            raise AuditStoreError("a database schema can only be chosen for PostgreSQL")
+        self._engine, self._in_memory = self._create_engine()
+        # An in-memory SQLite database is one shared connection: serialise its use across threads.
+        self._memory_lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self._in_memory else contextlib.nullcontext()
+        )
+        self._metadata, self._hook_calls, self._feedback = _build_tables(schema)
+        self._create_tables()
+
+        self._state = threading.Condition()  # guards everything below
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._writer: threading.Thread | None = None  # started on the first record_call
+        self._pending = 0  # enqueued and not yet written (or given up on)
+        self._dropped = 0
+        self._failed = 0
+        self._last_drop_warning = float("-inf")
+        self._closed = False
+
+        store_ref = weakref.ref(self)
+        atexit.register(_close_at_exit, store_ref)
+        os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, store_ref))
+
+    # -- setup -------------------------------------------------------------------------------------------------
+
+    def _create_engine(self) -> tuple[Engine, bool]:
+        """One pooled engine per store; SQLite gets WAL and a busy timeout so processes do not block each other."""
+        url = self._url
+        if url.get_backend_name() == "postgresql":
+            engine = create_engine(
+                url,
+                pool_pre_ping=True,  # survive a PostgreSQL restart between calls
+                hide_parameters=True,  # exception messages would otherwise quote patient ids
+                connect_args={"connect_timeout": 5},
+            )
+            return engine, False
+
+        database = url.database or ""
+        in_memory = database in {"", ":memory:"}
+        if in_memory:
+            engine = create_engine(
+                url, poolclass=StaticPool, connect_args={"check_same_thread": False}, hide_parameters=True
+            )
+        else:
+            if not url.query.get("uri"):
+                try:
+                    Path(database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise AuditStoreError(
+                        f"cannot create the directory for {self._safe_url!r}: {exc.strerror}"
+                    ) from None
+            engine = create_engine(
+                url,
+                # Connections are pooled and each is used by one thread at a time (writer or request thread).
+                connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+                hide_parameters=True,
+            )
+
+        @event.listens_for(engine, "connect")
+        def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+                if not in_memory:
+                    # Readers never block the writer and vice versa; several processes can share the file.
+                    cursor.execute("PRAGMA journal_mode = WAL")
+            finally:
+                cursor.close()
+
+        return engine, in_memory
+
+    def _create_tables(self) -> None:
+        """Create schema and tables if missing; safe when several workers start at once."""
+        last_error: Exception | None = None
+        for _attempt in range(3):
+            try:
+                with self._engine.begin() as connection:
+                    if self.dialect == "postgresql":
+                        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
+                        if self._schema is not None:
+                            connection.execute(CreateSchema(self._schema, if_not_exists=True))
+                    self._metadata.create_all(connection, checkfirst=True)
+                return
+            except sa_exc.SQLAlchemyError as exc:  # another process won a CREATE race, or we cannot connect
+                last_error = exc
+                if "already exists" not in str(exc):
+                    break
+                time.sleep(0.1)
+        assert last_error is not None
+        self._engine.dispose()
+        raise AuditStoreError(f"cannot open audit database {self._safe_url!r}: {self._explain(last_error)}") from None
+
+    def _reset_in_child(self) -> None:
+        """Called right after fork in the child: nothing of the parent's thread, locks or connections is usable."""
+        self._state = threading.Condition()
+        self._queue = queue.Queue(maxsize=self._queue_size)
+        self._writer = None
+        self._pending = 0
+        if self._in_memory:
+            self._memory_lock = threading.Lock()
+        self._engine.dispose(close=False)  # leave the parent's connections alone, open new ones here
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    @property
+    def dialect(self) -> str:
+        """The database kind: "sqlite" or "postgresql"."""
+        return self._engine.dialect.name
+
+    @property
+    def dropped_count(self) -> int:
+        """Call records dropped because the queue was full or the store was closed."""
+        with self._state:
+            return self._dropped
+
+    @property
+    def failed_count(self) -> int:
+        """Call records the database refused (after retries); each was logged without its content."""
+        with self._state:
+            return self._failed
+
+    def record_call(self, record: HookCallRecord) -> None:
+        """Audit one call. Asynchronous mode only enqueues (microseconds) and never raises or blocks.
+
+        The record's lists must not be changed after this call: the writer reads them later.
+        """
+        if not self._asynchronous:
+            if self._closed:
+                with self._state:
+                    self._count_drop_locked("store closed")
+            else:
+                self._write_calls([record])
+            return
+        with self._state:
+            if self._closed:
+                self._count_drop_locked("store closed")
+                return
+            try:
+                self._queue.put_nowait(record)
+            except queue.Full:
+                self._count_drop_locked("queue full")
+                return
+            self._pending += 1
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run_writer, args=(self._queue,), name="audit-writer", daemon=True
+                )
+                self._writer.start()
+
+    def record_feedback(self, service_id: str, items: list[FeedbackItem], issuer: str | None) -> int:
+        """Store feedback now; returns how many rows were new. A repeat of a stored item is not an error.
+
+        Raises AuditStoreError when the database cannot store it, so the endpoint can answer 5xx.
+        """
+        received_at = datetime.now(UTC)
+        rows_by_key: dict[tuple[str, str, datetime], dict[str, Any]] = {}
+        for item in items:  # duplicates inside one request collapse here; repeats across requests in the DB
+            timestamp = _as_utc(item.outcome_timestamp)
+            rows_by_key.setdefault(
+                (item.card_uuid, item.outcome, timestamp),
+                {
+                    "received_at": received_at,
+                    "service_id": service_id,
+                    "card_uuid": item.card_uuid,
+                    "outcome": item.outcome,
+                    "outcome_timestamp": timestamp,
+                    "accepted_suggestions": list(item.accepted_suggestions),
+                    "override_reason": scrub_secrets(item.override_reason) if item.override_reason else None,
+                    "user_comment": item.user_comment,
+                    "issuer": issuer,
+                },
+            )
+        if not rows_by_key:
+            return 0
+        insert = pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
+        statement = (
+            insert(self._feedback)
+            .values(list(rows_by_key.values()))
+            .on_conflict_do_nothing(index_elements=["service_id", "card_uuid", "outcome", "outcome_timestamp"])
+            .returning(self._feedback.c.id)  # rowcount is -1 with psycopg 3; RETURNING counts on both dialects
+        )
+        try:
+            with self._memory_lock, self._engine.begin() as connection:
+                inserted = len(connection.execute(statement).all())
+        except sa_exc.SQLAlchemyError as exc:
+            logger.error("audit: could not store %d feedback item(s): %s", len(rows_by_key), self._explain(exc))
+            raise AuditStoreError(f"could not store feedback: {self._explain(exc)}") from None
+        return inserted
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until every call record queued so far has been written (or given up on), at most `timeout` s."""
+        deadline = time.monotonic() + timeout
+        with self._state:
+            while self._pending > 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning("audit: flush timed out with %d call record(s) still queued", self._pending)
+                    return
+                self._state.wait(remaining)
+
+    def close(self) -> None:
+        """Write what is queued, stop the writer and release connections. Safe to call twice."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True  # from now on record_call drops (and counts) instead of enqueueing
+        self.flush()
+        with self._state:
+            writer, writer_queue = self._writer, self._queue
+        if writer is not None:
+            try:
+                writer_queue.put(_STOP, timeout=1.0)
+            except queue.Full:
+                logger.warning("audit: writer did not drain its queue; stopping without it")
+            writer.join(timeout=5.0)
+        self._engine.dispose()
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        self.close()
+
+    def recent_calls(self, limit: int = 50) -> list[dict]:
+        """The newest `limit` call records, newest first, JSON columns decoded, times in UTC."""
+        table = self._hook_calls
+        query = select(table).order_by(table.c.received_at.desc(), table.c.id.desc()).limit(max(limit, 0))
+        return self._read(query, ("received_at",))
+
+    def feedback_for(self, card_uuid: str) -> list[dict]:
+        """Every stored feedback row for one card, oldest outcome first."""
+        table = self._feedback
+        query = select(table).where(table.c.card_uuid == card_uuid).order_by(table.c.outcome_timestamp, table.c.id)
+        return self._read(query, ("received_at", "outcome_timestamp"))
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _explain(self, exc: BaseException) -> str:
+        """`_describe` with this store's password blanked."""
+        return _describe(exc, self._url.password)
+
+    def _read(self, query: Any, datetime_columns: tuple[str, ...]) -> list[dict]:
+        try:
+            with self._memory_lock, self._engine.connect() as connection:
+                rows = [dict(row._mapping) for row in connection.execute(query)]
+        except sa_exc.SQLAlchemyError as exc:
+            raise AuditStoreError(f"could not read the audit store: {self._explain(exc)}") from None
+        for row in rows:
+            for column in datetime_columns:
+                if row[column] is not None:
+                    row[column] = _as_utc(row[column])
+        return rows
+
+    def _count_drop_locked(self, reason: str) -> None:
+        """Count a dropped record; warn at most once per interval (caller holds self._state)."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._last_drop_warning >= _DROP_WARNING_INTERVAL_S:
+            self._last_drop_warning = now
+            logger.warning("audit: %s, %d call record(s) dropped so far", reason, self._dropped)
+
+    def _run_writer(self, writer_queue: queue.Queue[Any]) -> None:
+        """Background thread: take whatever is queued, write it in one transaction, repeat until _STOP."""
+        while True:
+            first = writer_queue.get()
+            stop = first is _STOP
+            batch: list[HookCallRecord] = [] if stop else [first]
+            while not stop and len(batch) < MAX_BATCH:
+                try:
+                    item = writer_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                else:
+                    batch.append(item)
+            if batch:
+                try:
+                    self._write_calls(batch)
+                except Exception as exc:  # never let anything kill the writer
+                    logger.error("audit: writer error: %s", self._explain(exc))
+                finally:
+                    with self._state:
+                        self._pending -= len(batch)
+                        self._state.notify_all()
+            if stop:
+                return
+
+    def _write_calls(self, records: list[HookCallRecord]) -> None:
+        """Insert call records: one transaction for all, then record by record if that fails.
+
+        Transient errors (lock, lost connection) are retried with back-off first; anything else means one
+        record is bad (e.g. not JSON-serialisable), so the others are saved individually and the bad one is
+        counted and logged (class of error only).
+        """
+        rows: list[dict[str, Any]] = []
+        failed = 0
+        last_error: BaseException | None = None
+        for record in records:
+            try:
+                rows.append(self._call_row(record))
+            except Exception as exc:
+                failed, last_error = failed + 1, exc
+
+        if rows:
+            error = self._insert_calls_with_retry(rows)
+            if error is not None:
+                last_error = error
+                for row in rows:
+                    try:
+                        self._insert_calls([row])
+                    except Exception as exc:
+                        failed, last_error = failed + 1, exc
+
+        if failed:
+            with self._state:
+                self._failed += failed
+            assert last_error is not None
+            logger.error(
+                "audit: %d of %d call record(s) could not be written: %s",
+                failed,
+                len(records),
+                self._explain(last_error),
+            )
+
+    def _insert_calls_with_retry(self, rows: list[dict[str, Any]]) -> Exception | None:
+        """Insert all rows in one transaction; retry transient errors. Returns the last error or None."""
+        for delay in (*_TRANSIENT_RETRY_DELAYS_S, None):
+            try:
+                self._insert_calls(rows)
+                return None
+            except Exception as exc:
+                if delay is None or not _is_transient(exc) or self._closed:
+                    return exc
+                time.sleep(delay)
+        return None  # pragma: no cover - the loop always returns
+
+    def _insert_calls(self, rows: list[dict[str, Any]]) -> None:
+        with self._memory_lock, self._engine.begin() as connection:
+            connection.execute(self._hook_calls.insert(), rows)
+
+    @staticmethod
+    def _call_row(record: HookCallRecord) -> dict[str, Any]:
+        """The database row for a record: UTC time, JSON payloads copied without secrets."""
+        return {
+            "received_at": _as_utc(record.received_at),
+            "service_id": record.service_id,
+            "endpoint": record.endpoint,
+            "hook": record.hook,
+            "hook_instance": record.hook_instance,
+            "status_code": int(record.status_code),
+            "latency_ms": float(record.latency_ms),
+            "outcome": record.outcome,
+            "decisions": scrub_secrets(list(record.decisions or [])),
+            "cards": scrub_secrets(list(record.cards or [])),
+            "system_actions": scrub_secrets(list(record.system_actions or [])),
+            "mapping_version": record.mapping_version,
+            "issuer": record.issuer,
+            "patient_id": record.patient_id,
+            "user_id": record.user_id,
+            "fhir_server": record.fhir_server,
+            "error": record.error,
+        }
