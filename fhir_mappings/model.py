@@ -42,6 +42,7 @@ class Fact:
     value: Any = None
     evidence: tuple[Evidence, ...] = ()
     detail: str = ""  # PHI-free explanation: why unavailable, which window, how computed
+    complete: bool = True  # False when the data behind it was only partly read: absence proves nothing
 
     @property
     def present(self) -> bool:

@@ -78,10 +78,12 @@ class PatientRecord:
         self._by_type: dict[str, list[Resource]] = {}
         self._by_key: dict[str, Resource] = {}
         self._by_full_url: dict[str, Resource] = dict(self.full_urls)
-        for resource in [*self.resources, *self.draft_orders]:
-            self._index(resource)
+        for resource in self.resources:
+            self._index(resource, history=True)
+        for order in self.draft_orders:
+            self._index(order, history=False)
 
-    def _index(self, resource: Resource) -> None:
+    def _index(self, resource: Resource, *, history: bool) -> None:
         rtype = resource.get("resourceType")
         rid = resource.get("id")
         if not isinstance(rtype, str):
@@ -89,13 +91,15 @@ class PatientRecord:
         key = f"{rtype}/{rid}" if rid else None
         if key and key in self._by_key:
             return  # the same resource from two queries (e.g. an _include and a search): keep one
-        self._by_type.setdefault(rtype, []).append(resource)
+        if history:
+            self._by_type.setdefault(rtype, []).append(resource)
         if key:
             self._by_key[key] = resource
 
     # -- reading -----------------------------------------------------------------------------------
     def of_type(self, resource_type: str) -> list[Resource]:
-        """Resources of one type from the patient's record (draft orders included for request types)."""
+        """Resources of one type from the patient's record. Draft orders are not history: they are
+        reachable by reference (`get`, `resolve`) but never listed here."""
         return self._by_type.get(resource_type, [])
 
     def get(self, key: str) -> Resource | None:
