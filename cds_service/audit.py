@@ -129,6 +129,8 @@ def normalise_database_url(raw: str) -> URL:
     Accepts ``sqlite:///relative.db``, ``sqlite:////absolute/path.db``, ``sqlite://`` (in memory),
     ``postgresql://…`` and ``postgres://…`` (mapped to ``postgresql+psycopg://``).
     """
+    if "://" not in raw:  # not URL-shaped: we cannot tell where a password would be, so do not echo it
+        raise AuditStoreError("cannot parse the database URL: expected sqlite:///file.db or postgresql://user@host/db")
     try:
         url = make_url(raw)
     except Exception:  # ArgumentError or ValueError (bad port); their messages echo the URL, so say it ourselves
