@@ -1,0 +1,492 @@
+"""Gather the patient record: prefetch first, with exact CDS Hooks 2.0 semantics, the rest from the FHIR server.
+
+Per prefetch key (CDS Hooks 2.0 §Prefetch; checklist a.5, f.2):
+- absent -> the client did not or could not satisfy it: query the FHIR server;
+- `null` -> "no data to populate": read, nothing there;
+- a resource / searchset Bundle -> read (an empty Bundle is read with no data); a `next` link is followed;
+- an OperationOutcome (or an error one inside the Bundle), or anything malformed -> failed: query it.
+What can be had neither way is *unavailable* — the decision treats it as unknown, never as absent — and
+only when a `required` query ends there does the service answer 412 (`RequiredDataUnavailable`).
+
+All queries still missing are fetched at once, in parallel; then the references the facts follow
+(requester, performer, payor, ...) are resolved in a bounded number of parallel, batched rounds.
+Every step is linear in the size of the record, and each resource is walked once.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+from urllib.parse import unquote, urljoin
+
+from cds_service.errors import Issue, ServiceError
+from cds_service.fhir_client import FetchResult, FhirClient, bundle_entries, next_link
+from fhir_mappings.queries import PrefetchQuery, QuerySet, ResolveRule
+from fhir_mappings.record import Availability, PatientRecord, QueryOutcome, reference_key
+
+log = logging.getLogger(__name__)
+
+ID_BATCH_SIZE = 50  # ids per `Type?_id=a,b,c` request: keeps URLs short on every server
+NOT_APPLICABLE = "not applicable to this user"
+NO_SERVER = "no FHIR server"
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]+$")
+_PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+# The date that places a resource in a `within_days` window, in order of preference.
+_DATE_FIELDS: Mapping[str, tuple[tuple[str, ...], ...]] = {
+    "Encounter": (("period", "start"), ("period", "end")),
+    "Procedure": (("performedDateTime",), ("performedPeriod", "start"), ("performedPeriod", "end")),
+    "Observation": (("effectiveDateTime",), ("effectivePeriod", "start"), ("effectiveInstant",), ("issued",)),
+    "MedicationStatement": (("effectiveDateTime",), ("effectivePeriod", "start"), ("dateAsserted",)),
+    "MedicationAdministration": (("effectiveDateTime",), ("effectivePeriod", "start")),
+    "MedicationDispense": (("whenHandedOver",), ("whenPrepared",)),
+    "MedicationRequest": (("authoredOn",),),
+    "ServiceRequest": (("authoredOn",), ("occurrenceDateTime",)),
+    "Condition": (("onsetDateTime",), ("recordedDate",)),
+}
+_GENERIC_DATE_FIELDS: tuple[tuple[str, ...], ...] = (("date",), ("authoredOn",), ("recordedDate",), ("issued",))
+
+
+class RequiredDataUnavailable(ServiceError):
+    """Required data could be had neither from prefetch nor from the FHIR server: HTTP 412 (CDS Hooks 2.0).
+
+    A `ServiceError`, so the app's error handler answers 412 with an OperationOutcome listing the keys;
+    `keys` and `reasons` are PHI-free (query keys and short reasons such as "timeout").
+    """
+
+    def __init__(self, keys: list[str], reasons: dict[str, str]) -> None:
+        issues = [
+            Issue(
+                diagnostics=f"required data '{key}' could be obtained neither from prefetch nor from the FHIR "
+                f"server ({reasons.get(key, 'unavailable')})",
+                code="incomplete",
+                expression=f"prefetch.{key}",
+            )
+            for key in keys
+        ]
+        super().__init__(412, issues)
+        self.keys = keys
+        self.reasons = reasons
+
+
+@dataclass(frozen=True)
+class FhirAccess:
+    """Where and how the service may read the caller's FHIR data."""
+
+    base_url: str
+    token: str | None = field(repr=False)  # the caller's bearer token: transient, never logged or printed
+    url_allowed: Callable[[str], bool] = field(repr=False)  # bound to the caller's allowed `fhir_servers` prefixes
+
+
+@dataclass
+class _Collected:
+    """Resources of the record so far, deduplicated by `Type/id` (an `_include`d payor may come twice)."""
+
+    resources: list[dict] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)
+    full_urls: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, resources: Iterable[dict], full_urls: Mapping[str, dict] | None = None) -> list[dict]:
+        """Add what is new; return the resources that were new."""
+        added: list[dict] = []
+        for resource in resources:
+            key = _key_of(resource)
+            if key is not None:
+                if key in self.keys:
+                    continue
+                self.keys.add(key)
+            self.resources.append(resource)
+            added.append(resource)
+        if full_urls:
+            self.full_urls.update(full_urls)
+        return added
+
+
+@dataclass(frozen=True)
+class _Prefetched:
+    """One prefetch value, checked against its template."""
+
+    resources: list[dict]
+    full_urls: dict[str, dict]
+    next_url: str | None
+    problem: str  # "" when usable; else why it counts as failed (PHI-free)
+
+
+def _key_of(resource: Mapping[str, Any]) -> str | None:
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    return f"{rtype}/{rid}" if isinstance(rtype, str) and isinstance(rid, str) and rid else None
+
+
+def _check_prefetch(query: PrefetchQuery, value: Any, rendered: str | None) -> _Prefetched:
+    """Classify a present, non-null prefetch value: usable data (maybe paginated) or a failure to query."""
+    if not isinstance(value, dict):
+        return _Prefetched([], {}, None, "malformed prefetch")
+    resource_type = value.get("resourceType")
+    if resource_type == "OperationOutcome":
+        return _Prefetched([], {}, None, "OperationOutcome in prefetch")
+    if resource_type == "Bundle":
+        if value.get("type", "searchset") != "searchset":
+            return _Prefetched([], {}, None, "malformed prefetch")
+        resources, full_urls, problem = bundle_entries(value)
+        if problem:
+            return _Prefetched([], {}, None, f"{problem} in prefetch")
+        return _Prefetched(resources, full_urls, next_link(value), "")
+    if query.is_read and resource_type == query.resource_type:
+        expected_id = unquote(rendered.partition("/")[2]) if rendered else None
+        if expected_id and value.get("id") != expected_id:
+            return _Prefetched([], {}, None, "prefetch for another resource")
+        return _Prefetched([value], {}, None, "")
+    return _Prefetched([], {}, None, "malformed prefetch")
+
+
+def gather_record(
+    *,
+    queries: QuerySet,
+    context: Mapping[str, Any],
+    prefetch: Mapping[str, Any] | None,
+    fhir: FhirAccess | None,
+    client: FhirClient,
+    now: datetime,
+    deadline: float,
+    draft_orders: list[dict],
+) -> PatientRecord:
+    """Everything the policies read, from prefetch and the FHIR server, with what was (not) read per query.
+
+    Raises RequiredDataUnavailable (412) when a required query could be had neither way.
+    """
+    patient_id = context.get("patientId")
+    if not isinstance(patient_id, str) or not patient_id:
+        raise ValueError("context.patientId is required to gather a patient record")
+    started = time.monotonic()
+    limits = queries.limits
+    collected = _Collected()
+    outcomes: dict[str, QueryOutcome] = {}
+    to_fetch: dict[str, str] = {}
+    page_limits: dict[str, int] = {}
+    pending: dict[str, _Prefetched] = {}  # keys sent to the server, with what prefetch gave for them
+
+    for key, query in queries.queries.items():
+        rendered = query.render(context)
+        present = prefetch is not None and key in prefetch
+        value = prefetch.get(key) if prefetch is not None and present else None
+
+        if present and value is None:
+            outcomes[key] = _outcome(query, Availability.READ, "prefetch")
+            continue
+        checked = _check_prefetch(query, value, rendered) if present else None
+        if checked is not None and not checked.problem:
+            collected.add(checked.resources, checked.full_urls)
+            if checked.next_url is None:
+                outcomes[key] = _outcome(query, Availability.READ, "prefetch", pages=1)
+            elif fhir is None:
+                outcomes[key] = _outcome(query, Availability.PARTIAL, "prefetch", f"prefetch paginated; {NO_SERVER}", 1)
+            elif limits.max_pages_per_query <= 1:
+                outcomes[key] = _outcome(query, Availability.PARTIAL, "prefetch", "page limit", 1)
+            else:
+                to_fetch[key] = urljoin(fhir.base_url.rstrip("/") + "/", checked.next_url)
+                page_limits[key] = limits.max_pages_per_query - 1
+                pending[key] = checked
+            continue
+
+        problem = checked.problem if checked is not None else ""
+        if rendered is None:
+            if problem:  # the client tried a query we cannot even render for this user: nothing to go on
+                outcomes[key] = _outcome(query, Availability.UNAVAILABLE, "none", f"{problem}; {NOT_APPLICABLE}")
+            else:
+                outcomes[key] = _outcome(query, Availability.READ, "none", NOT_APPLICABLE)
+        elif fhir is None:
+            reason = f"{problem}; {NO_SERVER}" if problem else f"not prefetched; {NO_SERVER}"
+            outcomes[key] = _outcome(query, Availability.UNAVAILABLE, "none", reason)
+        else:
+            to_fetch[key] = rendered
+            pending[key] = _Prefetched([], {}, None, problem)
+
+    if fhir is not None and to_fetch:
+        results = client.fetch_many(
+            fhir.base_url,
+            to_fetch,
+            token=fhir.token,
+            deadline=deadline,
+            max_pages=limits.max_pages_per_query,
+            url_allowed=fhir.url_allowed,
+            page_limits=page_limits,
+        )
+        for key, result in results.items():
+            collected.add(result.resources, result.full_urls)
+            outcomes[key] = _fetched_outcome(queries.queries[key], pending[key], result)
+
+    outcomes = {key: outcomes[key] for key in queries.queries}  # discovery order, for stable output
+    unavailable = Availability.UNAVAILABLE
+    missing = [key for key, q in queries.queries.items() if q.required and outcomes[key].availability is unavailable]
+    if missing:
+        log.warning("patient record: required data unavailable: %s", ", ".join(missing))
+        raise RequiredDataUnavailable(missing, {key: outcomes[key].reason for key in missing})
+
+    unresolved: dict[str, str] = {}
+    references_fetched = 0
+    if fhir is not None:
+        references_fetched = _resolve_references(
+            queries=queries,
+            collected=collected,
+            draft_orders=draft_orders,
+            user_id=context.get("userId"),
+            fhir=fhir,
+            client=client,
+            now=now,
+            deadline=deadline,
+            unresolved=unresolved,
+        )
+
+    _log_summary(outcomes, collected, references_fetched, unresolved, started)
+    return PatientRecord(
+        patient_id=patient_id,
+        now=now,
+        resources=collected.resources,
+        queries=outcomes,
+        draft_orders=draft_orders,
+        user_id=context.get("userId"),
+        encounter_id=context.get("encounterId"),
+        unresolved_references=unresolved,
+        references_resolvable=fhir is not None,
+        full_urls=collected.full_urls,
+    )
+
+
+def _outcome(
+    query: PrefetchQuery, availability: Availability, source: str, reason: str = "", pages: int = 0
+) -> QueryOutcome:
+    return QueryOutcome(
+        key=query.key,
+        resource_types=query.supplies,
+        availability=availability,
+        source=source,
+        reason=reason,
+        pages=pages,
+    )
+
+
+def _fetched_outcome(query: PrefetchQuery, prefetched: _Prefetched, result: FetchResult) -> QueryOutcome:
+    """Outcome of a key that went to the server: a whole query, or the rest of a paginated prefetch."""
+    if prefetched.next_url is not None:  # continued a usable prefetch Bundle: its first page counts
+        availability = Availability.READ if result.availability is Availability.READ else Availability.PARTIAL
+        return _outcome(query, availability, "prefetch", result.reason, 1 + result.pages)
+    reason = result.reason
+    if prefetched.problem:
+        reason = f"{prefetched.problem}; {reason or 'queried'}"
+    source = "none" if result.availability is Availability.UNAVAILABLE else "fhir-server"
+    return _outcome(query, result.availability, source, reason, result.pages)
+
+
+# -- reference resolution ------------------------------------------------------------------------------
+
+
+def _resolve_references(
+    *,
+    queries: QuerySet,
+    collected: _Collected,
+    draft_orders: list[dict],
+    user_id: Any,
+    fhir: FhirAccess,
+    client: FhirClient,
+    now: datetime,
+    deadline: float,
+    unresolved: dict[str, str],
+) -> int:
+    """Fetch what the rules' references point to, in `reference_rounds` parallel rounds; return how many.
+
+    Each round looks only at the resources the previous round added, so the work stays linear.
+    Failures go to `unresolved` as "Type/id" -> reason; a failed roles search for Practitioner/x as
+    "PractitionerRole?practitioner=x" -> reason.
+    """
+    limits = queries.limits
+    rules_by_type: dict[str, list[ResolveRule]] = {}
+    for rule in queries.resolve_rules:
+        for rtype in rule.from_types:
+            rules_by_type.setdefault(rtype, []).append(rule)
+    base = fhir.base_url.rstrip("/") + "/"
+    known = set(collected.keys)
+    known.update(k for k in (_key_of(d) for d in draft_orders if isinstance(d, dict)) if k)
+    attempted: set[str] = set()
+    roles_requested: set[str] = set()
+    per_type: dict[str, int] = {}
+    fetched = 0
+
+    sources: list[tuple[dict, bool]] = [(r, False) for r in collected.resources]
+    sources.extend((d, True) for d in draft_orders if isinstance(d, dict))
+    extra: list[str] = [user_id] if isinstance(user_id, str) else []
+
+    for _round in range(limits.reference_rounds):
+        wanted: dict[str, list[str]] = {}
+        practitioners: list[str] = []
+        for reference in [*extra, *_references(sources, rules_by_type, now)]:
+            key = _local_key(reference, base, collected.full_urls, unresolved)
+            if key is None:
+                continue
+            rtype, rid = key.split("/", 1)
+            if rtype == "Practitioner" and rid not in roles_requested:
+                roles_requested.add(rid)
+                if len(roles_requested) <= limits.max_reference_ids_per_type:
+                    practitioners.append(rid)
+                else:
+                    unresolved[f"PractitionerRole?practitioner={rid}"] = "reference limit"
+            if key in known or key in attempted:
+                continue
+            attempted.add(key)
+            if per_type.get(rtype, 0) >= limits.max_reference_ids_per_type:
+                unresolved[key] = "reference limit"
+                continue
+            per_type[rtype] = per_type.get(rtype, 0) + 1
+            wanted.setdefault(rtype, []).append(rid)
+        extra = []
+
+        requests: dict[str, str] = {}
+        batches: dict[str, tuple[str, list[str]]] = {}
+        for rtype, ids in wanted.items():
+            for n, batch in enumerate(_chunks(ids, ID_BATCH_SIZE)):
+                requests[f"ref {rtype} {n}"] = f"{rtype}?_id={','.join(batch)}&_count={len(batch)}"
+                batches[f"ref {rtype} {n}"] = (rtype, batch)
+        for n, batch in enumerate(_chunks(practitioners, ID_BATCH_SIZE)):
+            requests[f"roles {n}"] = f"PractitionerRole?practitioner={','.join(batch)}"
+            batches[f"roles {n}"] = ("", batch)
+        if not requests:
+            break
+
+        results = client.fetch_many(
+            fhir.base_url,
+            requests,
+            token=fhir.token,
+            deadline=deadline,
+            max_pages=queries.limits.max_pages_per_query,
+            url_allowed=fhir.url_allowed,
+        )
+        added_this_round: list[dict] = []
+        for name, result in results.items():
+            rtype, batch = batches[name]
+            added = collected.add(result.resources, result.full_urls)
+            added_this_round.extend(added)
+            known.update(k for k in (_key_of(r) for r in added) if k)
+            failure = "" if result.availability is Availability.READ else (result.reason or result.availability.value)
+            if not rtype:  # a roles search: no per-role keys to report, only that the search failed
+                for rid in batch if failure else ():
+                    unresolved[f"PractitionerRole?practitioner={rid}"] = failure
+                continue
+            for rid in batch:
+                key = f"{rtype}/{rid}"
+                if key not in known:
+                    unresolved[key] = failure or "not found"
+        fetched += len(added_this_round)
+        sources = [(r, False) for r in added_this_round]
+    return fetched
+
+
+def _references(
+    sources: Iterable[tuple[dict, bool]], rules_by_type: Mapping[str, list[ResolveRule]], now: datetime
+) -> Iterator[str]:
+    """Reference strings the rules point at, from each source resource (drafts flagged True)."""
+    today = now.date()
+    for resource, is_draft in sources:
+        resource_type = resource.get("resourceType")
+        rules = rules_by_type.get(resource_type) if isinstance(resource_type, str) else None
+        if not rules:
+            continue
+        dated = False  # the date is looked up at most once per resource, and only if a rule has a window
+        resource_date: date | None = None
+        for rule in rules:
+            if rule.draft_orders_only and not is_draft:
+                continue
+            if rule.within_days is not None:
+                if not dated:
+                    resource_date, dated = _resource_date(resource), True
+                if resource_date is not None and resource_date < today - timedelta(days=rule.within_days):
+                    continue
+            for path in rule.paths:
+                for match in path.find(resource):
+                    value = match.value
+                    if isinstance(value, dict) and isinstance(value.get("reference"), str):
+                        yield value["reference"]
+
+
+def _local_key(reference: str, base: str, full_urls: Mapping[str, dict], unresolved: dict[str, str]) -> str | None:
+    """`Type/id` of a literal reference the FHIR server can answer; None for contained/urn/conditional ones."""
+    if not reference or reference.startswith(("#", "urn:")) or "?" in reference or reference in full_urls:
+        return None
+    if "://" in reference:
+        key = reference_key(reference)
+        if not reference.startswith(base):
+            if key:
+                unresolved.setdefault(key, "outside FHIR server")
+            return None
+    else:
+        key = reference_key(reference)
+    if key is None:
+        return None
+    rtype, _, rid = key.partition("/")
+    if not _RESOURCE_TYPE.match(rtype) or not _FHIR_ID.match(rid):
+        return None
+    return key
+
+
+def _resource_date(resource: Mapping[str, Any]) -> date | None:
+    """The resource's obvious date (latest day a partial date can mean), or None when undated."""
+    resource_type = resource.get("resourceType")
+    candidates = _DATE_FIELDS.get(resource_type, _GENERIC_DATE_FIELDS) if isinstance(resource_type, str) else ()
+    for fields in candidates:
+        value: Any = resource
+        for name in fields:
+            value = value.get(name) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            return _parse_date(value)
+    return None
+
+
+def _parse_date(text: str) -> date | None:
+    """A FHIR date/dateTime/instant as a date; `2024` -> 2024-12-31, `2024-05` -> 2024-05-31."""
+    match = _PARTIAL_DATE.match(text)
+    if not match:
+        return None
+    year, month, day = match.groups()
+    try:
+        if month is None:
+            return date(int(year), 12, 31)
+        if day is None:
+            return date(int(year), int(month), calendar.monthrange(int(year), int(month))[1])
+        return date(int(year), int(month), int(day))
+    except ValueError:
+        return None
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _log_summary(
+    outcomes: Mapping[str, QueryOutcome],
+    collected: _Collected,
+    references_fetched: int,
+    unresolved: Mapping[str, str],
+    started: float,
+) -> None:
+    """One PHI-free line per hook call: counts by source/availability and timing."""
+    by_source: dict[str, int] = {}
+    for outcome in outcomes.values():
+        by_source[outcome.source] = by_source.get(outcome.source, 0) + 1
+    not_read = [k for k, o in outcomes.items() if o.availability is not Availability.READ]
+    log.info(
+        "patient record: %d queries (%s), not fully read: %s; %d resources, %d by reference, %d unresolved, %.0f ms",
+        len(outcomes),
+        ", ".join(f"{n} {source}" for source, n in sorted(by_source.items())),
+        ", ".join(not_read) or "none",
+        len(collected.resources),
+        references_fetched,
+        len(unresolved),
+        (time.monotonic() - started) * 1000,
+    )
