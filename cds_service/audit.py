@@ -276,6 +276,8 @@ class AuditStore:
         queue_size: int = 10000,
         schema: str | None = None,
     ) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1 (0 would make the queue unbounded)")
         self._url = normalise_database_url(url)
         self._safe_url = redact_url(url)
         self._asynchronous = asynchronous
@@ -497,6 +499,9 @@ class AuditStore:
                 logger.warning("audit: writer did not drain its queue; stopping without it")
             writer.join(timeout=5.0)
         self._engine.dispose()
+        with self._state:
+            if self._dropped:
+                logger.warning("audit: closed; %d call record(s) were dropped in total", self._dropped)
 
     def __enter__(self) -> AuditStore:
         return self

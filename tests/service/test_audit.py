@@ -518,3 +518,8 @@ def test_postgresql_schema_is_created_and_used(postgres_url: str, postgres_schem
 def test_scrub_secrets_is_recursive_and_case_insensitive() -> None:
     payload = {"a": [{"ACCESS_TOKEN": "x", "b": ({"refresh_token": "y", "c": 1},)}], "id_token": "z"}
     assert audit.scrub_secrets(payload) == {"a": [{"b": [{"c": 1}]}]}
+
+
+def test_queue_size_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="queue_size"):
+        AuditStore(f"sqlite:///{tmp_path}/a.db", queue_size=0)
