@@ -34,6 +34,12 @@ from fhir_mappings.record import Availability
 
 log = logging.getLogger(__name__)
 
+# urllib3 logs every request line ("GET /fhir/Patient/<id>") at DEBUG: patient ids in URLs are PHI, so its
+# records stop at INFO whatever the root level is, unless a deployment configured that logger on purpose.
+_urllib3_log = logging.getLogger("urllib3")
+if _urllib3_log.level == logging.NOTSET:
+    _urllib3_log.setLevel(logging.INFO)
+
 _READ_PATH = re.compile(r"^/?([A-Z][A-Za-z]+)/([^/?]+)$")
 _SEARCH_PATH = re.compile(r"^/?([A-Z][A-Za-z]+)/?$")
 _CHUNK = 64 * 1024
@@ -377,11 +383,11 @@ class FhirClient:
             size = 0
             try:
                 for chunk in response.iter_content(_CHUNK):
+                    if chunks and time.monotonic() > stop_at:  # a body still dripping in after the budget
+                        raise _PageError("timeout", status)
                     size += len(chunk)
                     if size > self.max_response_bytes:
                         raise _PageError("response too large", status)
-                    if time.monotonic() > stop_at:
-                        raise _PageError("timeout", status)
                     chunks.append(chunk)
             except requests.RequestException as exc:
                 raise _PageError(_read_failure(exc), status) from exc
