@@ -108,6 +108,7 @@ class FhirServerProcess:
         self.port: int | None = None
         self.token: str | None = None
         self.startup_seconds: float | None = None
+        self._instance_name = f"ketamine-cds sandbox FHIR {secrets.token_hex(6)}"
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: Path | None = None
         self._log: IO[bytes] | None = None
@@ -170,6 +171,8 @@ class FhirServerProcess:
             "own_private_key_path": str(data_dir / "keys" / "sekmet_private.pem"),
             "simulator": {"enabled": False},  # it would answer orders with tasks/results behind our back
             "log_inbound": False,
+            # a name unique to this process, so readiness cannot be fooled by another server on the same port
+            "software_name": self._instance_name,
             # /metadata stays open in sekmet; everything else needs the token, as an EHR's FHIR API would
             "server_auth": {"types": ["bearer"], "tokens": [self.token]},
         }
@@ -183,13 +186,21 @@ class FhirServerProcess:
                 raise FhirServerError(
                     f"sekmet exited with code {self._process.returncode} during start-up:\n{self.log_tail()}"
                 )
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(url, timeout=1.0).status_code == 200:
-                    return
+            if self._answers_metadata(url):
+                return
             time.sleep(0.1)
         raise FhirServerError(
             f"sekmet did not answer {url} within {self.start_timeout:.0f} s; log tail:\n{self.log_tail()}"
         )
+
+    def _answers_metadata(self, url: str) -> bool:
+        try:
+            response = requests.get(url, headers={"Accept": "application/fhir+json"}, timeout=1.0)
+            return (
+                response.status_code == 200 and response.json().get("software", {}).get("name") == self._instance_name
+            )
+        except (requests.RequestException, ValueError, AttributeError):
+            return False
 
     def log_tail(self, chars: int = _LOG_TAIL_CHARS) -> str:
         """The last `chars` characters of the server log (start-up errors, tracebacks)."""

@@ -104,7 +104,8 @@ def operation_outcome_text(response: requests.Response, limit: int = 2000) -> st
 def dependency_order(scenarios: Sequence[Scenario]) -> list[Scenario]:
     """Scenarios sorted so that one writing `Type/id` comes before those referencing it (ties: by id).
 
-    Cycles cannot be ordered; their members keep id order (a server enforcing integrity would refuse them).
+    A cycle cannot be ordered; it is broken at a deterministic point (a server enforcing integrity would refuse
+    one of its transactions, which then names the scenario).
     """
     by_id = {scenario.id: scenario for scenario in sorted(scenarios, key=lambda scenario: scenario.id)}
     writer: dict[str, str] = {}

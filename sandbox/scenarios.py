@@ -59,6 +59,7 @@ NEVER_SHIFTED_KEYS = frozenset(
         "url",
         "fullUrl",
         "version",
+        "versionId",
         "display",
         "text",
         "div",
