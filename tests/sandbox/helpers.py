@@ -103,3 +103,18 @@ class StubCdsService:
 
     def hook_calls(self) -> list[dict[str, Any]]:
         return [call for call in self.calls if call["method"] == "POST"]
+
+
+def example_responder(outcome: str = "documentation-needed") -> Responder:
+    """Answers like the service should for the example scenarios: a decision card per ketamine order only."""
+
+    def respond(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        orders = [entry["resource"] for entry in body["context"]["draftOrders"]["entry"]]
+        cards = [
+            decision_card(f"MedicationRequest/{order['id']}", "mgbhp-031", outcome, "initial")
+            for order in orders
+            if "ketamine" in json.dumps(order.get("medicationCodeableConcept", {})).lower()
+        ]
+        return {"cards": cards, "systemActions": []}, 200
+
+    return respond

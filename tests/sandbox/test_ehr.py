@@ -26,7 +26,7 @@ from sandbox.fhir_server import FhirServerProcess
 from sandbox.loader import load_into
 from sandbox.scenarios import PATIENTS_DIR, Scenario, load_scenario
 from sandbox.signing import SandboxKey, generate_key
-from tests.sandbox.helpers import EXAMPLE_IDS, SERVICE_ID, StubCdsService, decision_card
+from tests.sandbox.helpers import EXAMPLE_IDS, SERVICE_ID, StubCdsService, decision_card, example_responder
 
 TODAY = date(2026, 11, 23)
 TEMPLATES = {
@@ -64,16 +64,7 @@ def key() -> SandboxKey:
 
 @pytest.fixture
 def stub() -> Iterator[StubCdsService]:
-    def respond(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        orders = [entry["resource"] for entry in body["context"]["draftOrders"]["entry"]]
-        cards = [
-            decision_card(f"MedicationRequest/{order['id']}", "mgbhp-031", "documentation-needed", "initial")
-            for order in orders
-            if "ketamine" in order["medicationCodeableConcept"]["coding"][0]["display"]
-        ]
-        return {"cards": cards, "systemActions": []}, 200
-
-    service = StubCdsService(TEMPLATES, respond).start()
+    service = StubCdsService(TEMPLATES, example_responder()).start()
     yield service
     service.stop()
 
