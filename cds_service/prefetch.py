@@ -409,9 +409,25 @@ def _references(
                     continue
             for path in rule.paths:
                 for match in path.find(resource):
-                    value = match.value
-                    if isinstance(value, dict) and isinstance(value.get("reference"), str):
-                        yield value["reference"]
+                    reference = _reference_of(match)
+                    if reference:
+                        yield reference
+
+
+def _reference_of(match: Any) -> str | None:
+    """The reference string of a jsonpath match.
+
+    A path such as `$.performer[*]` is written for a 0..* element (ServiceRequest.performer); applied to
+    the same element at 0..1 (MedicationRequest.performer) jsonpath-ng's `[*]` yields the Reference's
+    *fields*, so the string matched at field `reference` counts too (and `display` & co. never do).
+    """
+    value = match.value
+    if isinstance(value, dict):
+        reference = value.get("reference")
+        return reference if isinstance(reference, str) else None
+    if isinstance(value, str) and getattr(match.path, "fields", None) == ("reference",):
+        return value
+    return None
 
 
 def _local_key(reference: str, base: str, full_urls: Mapping[str, dict], unresolved: dict[str, str]) -> str | None:
