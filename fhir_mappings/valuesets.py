@@ -136,6 +136,8 @@ def canonical_system(system: object) -> str:
     s = system.strip()
     if s.endswith("/") and not s.startswith("urn:"):
         s = s.rstrip("/")
+    if s.startswith(SNOMED + "/") and s[len(SNOMED) + 1 :].isdigit():
+        return SNOMED  # an edition/module URI put into Coding.system instead of Coding.version
     return SYSTEM_ALIASES.get(s, s)
 
 

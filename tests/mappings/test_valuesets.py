@@ -341,6 +341,8 @@ def test_other_aliases_and_case(registry: ValueSetRegistry) -> None:
     assert canonical_system("https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets") == HCPCS
     assert canonical_system("http://loinc.org/") == LOINC
     assert canonical_system(None) == ""
+    assert canonical_system("http://snomed.info/sct/731000124108") == SNOMED
+    assert canonical_system("http://snomed.info/sct/version") == "http://snomed.info/sct/version"
     assert registry.get("hcpcs_unclassified_drug").match_coding(coding(HCPCS, "j3490")) is not None
     assert registry.get("prac_psychiatrist").match_coding(coding(NUCC, "2084p0800x")) is not None
     assert registry.get("dx_trd").match_coding(coding("urn:oid:2.16.840.1.113883.6.96", "1153570009")) is not None
@@ -391,6 +393,8 @@ def test_match_text(registry: ValueSetRegistry) -> None:
     assert registry.get("obs_madrs_total").match_text("MADRS total score") is not None
     assert registry.get("obs_madrs_total").match_text("PHQ-9 total") is None
     assert registry.get("obs_hamd_total").match_concept({"text": "HAM-D (17 item) total"}) is not None
+    assert registry.get("obs_hamd_total").match_text("HAM-D17 score") is not None
+    assert registry.get("obs_hamd_total").match_text("HAM-A total") is None  # anxiety scale
 
 
 def test_second_coding_can_match(registry: ValueSetRegistry) -> None:
