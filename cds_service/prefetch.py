@@ -38,6 +38,7 @@ NO_SERVER = "no FHIR server"
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]+$")
+_TOP_FIELD = re.compile(r"^\$\.([A-Za-z_][A-Za-z0-9_]*)")  # `$.performer[*]` -> performer
 _PARTIAL_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 # The date that places a resource in a `within_days` window, in order of preference.
@@ -326,7 +327,11 @@ def _resolve_references(
     for _round in range(limits.reference_rounds):
         wanted: dict[str, list[str]] = {}
         practitioners: list[str] = []
+        seen: set[str] = set()  # the same reference recurs in many resources; look at each once per round
         for reference in [*extra, *_references(sources, rules_by_type, now)]:
+            if reference in seen:
+                continue
+            seen.add(reference)
             key = _local_key(reference, base, collected.full_urls, unresolved)
             if key is None:
                 continue
@@ -407,7 +412,10 @@ def _references(
                     resource_date, dated = _resource_date(resource), True
                 if resource_date is not None and resource_date < today - timedelta(days=rule.within_days):
                     continue
-            for path in rule.paths:
+            for path, text in zip(rule.paths, rule.path_texts, strict=True):
+                top = _TOP_FIELD.match(text)
+                if top and top.group(1) not in resource:
+                    continue  # most resources lack most referencing elements: skip jsonpath-ng's slower walk
                 for match in path.find(resource):
                     reference = _reference_of(match)
                     if reference:

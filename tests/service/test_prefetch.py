@@ -689,3 +689,44 @@ def test_no_reference_resolution_without_server(
 
 def test_fhir_access_repr_hides_the_token() -> None:
     assert TOKEN not in repr(ACCESS)
+
+
+def test_large_record_is_gathered_quickly(
+    queries: QuerySet, client: FhirClient, mocked: responses.RequestsMock
+) -> None:
+    def by_id(request: requests.PreparedRequest) -> tuple[int, dict[str, str], str]:
+        split = urlsplit(request.url)
+        rtype, params = split.path.rsplit("/", 1)[-1], parse_qs(split.query)
+        ids = params["_id"][0].split(",") if "_id" in params else []
+        return 200, {}, json.dumps(searchset(*({"resourceType": rtype, "id": i} for i in ids)))
+
+    mocked.add_callback(responses.GET, re.compile(re.escape(BASE) + r"/\w+\?.*"), callback=by_id)
+    observations = [
+        {
+            "resourceType": "Observation",
+            "id": f"o{n}",
+            "effectiveDateTime": (NOW - timedelta(days=n % 900)).isoformat(),
+            "performer": [{"reference": f"Practitioner/p{n % 300}"}],
+        }
+        for n in range(6000)
+    ]
+    encounters = [
+        {
+            "resourceType": "Encounter",
+            "id": f"e{n}",
+            "period": {"start": (NOW - timedelta(days=n % 900)).date().isoformat()},
+            "participant": [{"individual": {"reference": f"Practitioner/p{n % 300}"}}],
+            "serviceProvider": {"reference": "Organization/org-1"},
+        }
+        for n in range(3000)
+    ]
+    prefetch = full_prefetch(queries, observations=searchset(*observations), encounters=searchset(*encounters))
+
+    started = time.monotonic()
+    record = gather(queries, client, prefetch, context={"patientId": PATIENT, "userId": "Practitioner/u1"})
+    elapsed = time.monotonic() - started
+    print(f"\n{len(record.resources)} resources incl. references gathered in {elapsed:.3f} s")
+
+    assert len(record.of_type("Observation")) == 6000 and record.get("Organization/org-1") is not None
+    assert len(record.of_type("Practitioner")) == queries.limits.max_reference_ids_per_type
+    assert elapsed < 1.5
