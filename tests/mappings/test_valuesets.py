@@ -125,6 +125,16 @@ def test_representative_counts(registry: ValueSetRegistry) -> None:
     }
 
 
+def test_site_filled_sets_start_empty_and_accept_additions() -> None:
+    reg = ValueSetRegistry.load()
+    clinics = reg.get("site_credentialed_clinics")  # used by mappings.py for the site's credentialed_clinics
+    assert clinics.verification == "gap" and clinics.site_configurable and len(clinics) == 0
+    npi = {"system": "http://hl7.org/fhir/sid/us-npi", "code": "1234567893"}
+    assert clinics.match_coding(npi) is None
+    reg.extend("site_credentialed_clinics", [{**npi, "display": "Clinic"}])
+    assert clinics.match_coding(npi) is not None
+
+
 def test_get_unknown_id_suggests_close_names(registry: ValueSetRegistry) -> None:
     with pytest.raises(KeyError, match="dx_mdd"):
         registry.get("dx_mddd")
