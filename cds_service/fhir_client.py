@@ -27,7 +27,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urljoin
 
 import requests
+from requests import PreparedRequest
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 from urllib3.exceptions import ReadTimeoutError
 
 from fhir_mappings.record import Availability
@@ -67,6 +69,14 @@ class _PageError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+
+class _HeaderAuthOnly(AuthBase):
+    """Leaves the request as built: stops requests from reading ~/.netrc on every call, whose Basic
+    credentials would otherwise replace the caller's bearer token."""
+
+    def __call__(self, request: PreparedRequest) -> PreparedRequest:
+        return request
 
 
 def _no_cookies() -> DefaultCookiePolicy:
@@ -180,6 +190,7 @@ class FhirClient:
                 session.mount("https://", adapter)
                 session.mount("http://", adapter)
                 session.cookies.set_policy(_no_cookies())
+                session.auth = _HeaderAuthOnly()
                 self._sessions[key] = session
         return session
 

@@ -98,6 +98,22 @@ def test_no_authorization_header_without_token(client: FhirClient, mocked: respo
     assert "Authorization" not in mocked.calls[0].request.headers
 
 
+def test_netrc_credentials_never_replace_the_bearer_token(
+    client: FhirClient, mocked: responses.RequestsMock, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine ehr.example.org login someone password hunter2\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    mocked.get(f"{BASE}/Condition", json=bundle())
+
+    fetch(client, f"Condition?patient={PATIENT}")
+    fetch(client, f"Condition?patient={PATIENT}", token=None)
+
+    assert mocked.calls[0].request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert "Authorization" not in mocked.calls[1].request.headers
+
+
 @pytest.mark.parametrize(
     ("base", "relative", "expected"),
     [
