@@ -323,3 +323,15 @@ def test_code_valuesets_without_placeholder_or_codes_are_refused(tmp_path: Path)
     )
     with pytest.raises(QueryConfigError, match=r"'observations'.*no codes"):
         load_queries(FakeRegistry({"obs_phq9_total": []}), empty)
+
+
+def test_shipped_queries_load_with_the_shipped_value_set_registry() -> None:
+    from fhir_mappings.valuesets import ValueSetRegistry
+
+    registry = ValueSetRegistry.load()
+    queries = load_queries(registry)
+
+    codes = parse_qs(urlsplit(queries.queries["observations"].template).query)["code"][0].split(",")
+    assert "http://loinc.org|44261-6" in codes  # PHQ-9 total
+    assert len(codes) == len(set(codes))
+    assert len(queries.queries["observations"].template) < 4000  # fits comfortably in a GET URL
