@@ -168,7 +168,9 @@ def gather_record(
         raise ValueError("context.patientId is required to gather a patient record")
     started = time.monotonic()
     limits = queries.limits
-    collected = _Collected()
+    # A draft order the EHR already stored comes back from its search too; the context's copy is the one
+    # being signed, and a draft is never history (`PatientRecord.of_type`), so the stored copy is left out.
+    collected = _Collected(keys={k for k in (_key_of(d) for d in draft_orders if isinstance(d, dict)) if k})
     outcomes: dict[str, QueryOutcome] = {}
     to_fetch: dict[str, str] = {}
     page_limits: dict[str, int] = {}

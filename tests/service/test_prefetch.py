@@ -730,3 +730,16 @@ def test_large_record_is_gathered_quickly(
     assert len(record.of_type("Observation")) == 6000 and record.get("Organization/org-1") is not None
     assert len(record.of_type("Practitioner")) == queries.limits.max_reference_ids_per_type
     assert elapsed < 1.5
+
+
+def test_a_stored_copy_of_the_draft_order_is_not_history(
+    queries: QuerySet, client: FhirClient, mocked: responses.RequestsMock
+) -> None:
+    stored_draft = {**DRAFT, "meta": {"versionId": "1"}}
+    older = {"resourceType": "MedicationRequest", "id": "mr-old", "status": "completed"}
+    prefetch = full_prefetch(queries, medication_requests=searchset(stored_draft, older))
+
+    record = gather(queries, client, prefetch, fhir=None, draft_orders=[DRAFT])
+
+    assert [r["id"] for r in record.of_type("MedicationRequest")] == ["mr-old"]
+    assert record.get("MedicationRequest/draft-1") is DRAFT
