@@ -1,0 +1,262 @@
+"""Parse and validate an `order-sign` request (CDS Hooks 2.0 §Calling a CDS Service, order-sign v1.0).
+
+The envelope is checked with a JSON Schema (cheap, runs on every call, including the hot path of
+non-ketamine orders); the draft orders that the service will actually evaluate get a full FHIR R4
+structural check later (`validate_orders_fhir`). Unknown keys are ignored everywhere (CRD: "SHALL
+ignore unexpected elements"). Strict mode follows CRD 2.0.1; lenient mode accepts the CDS Hooks
+sandbox's quirks (draftOrders Bundle without `type`, orders without `intent`/`requester`, a
+hookInstance that is not a UUID).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import jsonschema
+
+from cds_service.errors import Issue, ServiceError
+
+HOOK = "order-sign"
+ORDER_TYPES = (
+    "MedicationRequest",
+    "ServiceRequest",
+    "DeviceRequest",
+    "NutritionOrder",
+    "VisionPrescription",
+    "CommunicationRequest",
+    "Task",
+    "Appointment",
+)
+_UUID = r"^(urn:uuid:)?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"
+_USER_ID = r"^(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-\.]{1,64}$"
+
+
+def _schema(lenient: bool) -> dict[str, Any]:
+    order_required = ["resourceType", "id", "status"] + ([] if lenient else ["intent"])
+    bundle_required = ["resourceType", "entry"] + ([] if lenient else ["type"])
+    return {
+        "type": "object",
+        "required": ["hook", "hookInstance", "context"],
+        "properties": {
+            "hook": {"type": "string", "const": HOOK},
+            "hookInstance": {"type": "string", "minLength": 1, **({} if lenient else {"pattern": _UUID})},
+            "fhirServer": {"type": "string", "pattern": "^https?://[^\\s]+$"},
+            "fhirAuthorization": {
+                "type": "object",
+                "required": ["access_token", "token_type", "expires_in", "scope", "subject"],
+                "properties": {
+                    "access_token": {"type": "string", "minLength": 1},
+                    "token_type": {"type": "string", "pattern": "^[Bb][Ee][Aa][Rr][Ee][Rr]$"},
+                    "expires_in": {"type": "integer"},
+                    "scope": {"type": "string"},
+                    "subject": {"type": "string"},
+                    "patient": {"type": "string"},
+                },
+            },
+            "context": {
+                "type": "object",
+                "required": ["userId", "patientId", "draftOrders"],
+                "properties": {
+                    "userId": {"type": "string", "pattern": _USER_ID},
+                    "patientId": {"type": "string", "pattern": _FHIR_ID},
+                    "encounterId": {"type": "string", "pattern": _FHIR_ID},
+                    "draftOrders": {
+                        "type": "object",
+                        "required": bundle_required,
+                        "properties": {
+                            "resourceType": {"const": "Bundle"},
+                            "type": {"type": "string", "minLength": 1},
+                            "entry": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["resource"],
+                                    "properties": {
+                                        "resource": {
+                                            "type": "object",
+                                            "required": order_required,
+                                            "properties": {
+                                                "resourceType": {"type": "string", "enum": list(ORDER_TYPES)},
+                                                "id": {"type": "string", "pattern": _FHIR_ID},
+                                                "status": {"type": "string", "minLength": 1},
+                                                "intent": {"type": "string", "minLength": 1},
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+            "prefetch": {"type": "object"},
+            "extension": {"type": "object"},
+        },
+        # CDS Hooks: fhirServer is REQUIRED when fhirAuthorization is present.
+        "dependentRequired": {"fhirAuthorization": ["fhirServer"]},
+    }
+
+
+@cache
+def _validator(lenient: bool) -> jsonschema.protocols.Validator:
+    schema = _schema(lenient)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    return validator_cls(schema)
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    """A validated order-sign call. The access token lives only here, in memory, for this call."""
+
+    hook_instance: str
+    context: dict[str, Any]
+    draft_orders: list[dict[str, Any]]
+    fhir_server: str | None = None
+    access_token: str | None = field(default=None, repr=False)
+    prefetch: dict[str, Any] | None = None
+    configuration: dict[str, Any] = field(default_factory=dict)  # davinci-crd.configuration
+
+    @property
+    def patient_id(self) -> str:
+        return str(self.context["patientId"])
+
+    @property
+    def user_id(self) -> str:
+        return str(self.context["userId"])
+
+
+def parse_json(raw: bytes) -> Any:
+    """400 for a body that is not JSON (CRD: 400 = not parsable)."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = exc.__class__.__name__
+        raise ServiceError(400, f"request body is not valid JSON ({reason})", code="structure") from None
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    out = ""
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "$"
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    """Messages that describe the rule broken without echoing (possibly PHI) values."""
+    v = error.validator
+    where = _path(error)
+    if v == "required":
+        missing = re.findall(r"'([^']+)' is a required property", error.message)
+        return f"{where}: missing required field {missing[0] if missing else ''}".strip()
+    if v == "dependentRequired":
+        return "fhirServer is required when fhirAuthorization is present"
+    if v == "const":
+        return f"{where}: must be {error.validator_value!r}"
+    if v == "enum":
+        return f"{where}: must be one of {', '.join(map(str, error.validator_value))}"
+    if v == "type":
+        return f"{where}: must be of JSON type {error.validator_value}"
+    if v == "pattern":
+        return f"{where}: has an invalid format"
+    if v == "minLength":
+        return f"{where}: must not be empty"
+    return f"{where}: invalid ({v})"
+
+
+def validate_request(body: Any, *, lenient: bool) -> HookRequest:
+    """Check the envelope; 400 if the body is not an object, 422 listing every problem otherwise."""
+    if not isinstance(body, dict):
+        raise ServiceError(400, "request body must be a JSON object", code="structure")
+    errors = sorted(_validator(lenient).iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+    issues = [Issue(diagnostics=_message(e), expression=_path(e)) for e in errors]
+    context = body.get("context") if isinstance(body.get("context"), dict) else {}
+    bundle = context.get("draftOrders") if isinstance(context.get("draftOrders"), dict) else {}
+    entries = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
+    orders = [e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
+    if not issues:
+        issues.extend(_semantic_issues(body, context, orders, lenient))
+    if issues:
+        raise ServiceError(422, issues[:20])
+    fhir_auth = body.get("fhirAuthorization") or {}
+    extension = body.get("extension") if isinstance(body.get("extension"), dict) else {}
+    configuration = extension.get("davinci-crd.configuration")
+    return HookRequest(
+        hook_instance=body["hookInstance"],
+        context=context,
+        draft_orders=orders,
+        fhir_server=body.get("fhirServer"),
+        access_token=fhir_auth.get("access_token"),
+        prefetch=body.get("prefetch"),
+        configuration=configuration if isinstance(configuration, dict) else {},
+    )
+
+
+def _semantic_issues(
+    body: dict[str, Any], context: dict[str, Any], orders: list[dict[str, Any]], lenient: bool
+) -> list[Issue]:
+    """Rules JSON Schema cannot express: ids unique, subject is the context patient, requester present."""
+    issues: list[Issue] = []
+    seen: set[str] = set()
+    patient_ref = f"Patient/{context['patientId']}"
+    for index, order in enumerate(orders):
+        where = f"context.draftOrders.entry[{index}].resource"
+        key = f"{order['resourceType']}/{order['id']}"
+        if key in seen:
+            issues.append(Issue(f"{where}: duplicate draft order id {key}", expression=where))
+        seen.add(key)
+        subject = order.get("subject") or order.get("patient")
+        ref = subject.get("reference") if isinstance(subject, dict) else None
+        if ref is not None and not (ref == patient_ref or ref.endswith("/" + patient_ref)):
+            issues.append(Issue(f"{where}.subject: does not reference context.patientId", expression=where))
+        if not lenient and order["resourceType"] in ("MedicationRequest", "ServiceRequest"):
+            if not isinstance(order.get("requester"), dict):
+                issues.append(Issue(f"{where}.requester: missing (required by CRD order profiles)", expression=where))
+            if ref is None:
+                issues.append(Issue(f"{where}.subject: missing", expression=where))
+    return issues
+
+
+_FHIR_MODELS: dict[str, Any] = {}
+
+
+def _fhir_model(resource_type: str) -> Any:
+    """The fhir.resources R4B model class (R4B = R4 for every request resource here), imported once."""
+    if resource_type not in _FHIR_MODELS:
+        module = __import__(f"fhir.resources.R4B.{resource_type.lower()}", fromlist=[resource_type])
+        _FHIR_MODELS[resource_type] = getattr(module, resource_type)
+    return _FHIR_MODELS[resource_type]
+
+
+def warm_up_fhir_models() -> None:
+    """Import the models at start-up so the first clinician's request does not pay for it."""
+    for resource_type in ("MedicationRequest", "ServiceRequest"):
+        _fhir_model(resource_type)
+
+
+def validate_orders_fhir(orders: list[dict[str, Any]], indexes: dict[str, int]) -> None:
+    """Full FHIR R4 structural validation of the draft orders the service will evaluate (422 on failure).
+
+    Only the few orders that passed triage are validated (~0.3 ms each): a malformed ketamine order
+    must be refused with a clear message rather than evaluated on half-parsed data.
+    """
+    issues: list[Issue] = []
+    for order in orders:
+        key = f"{order['resourceType']}/{order['id']}"
+        where = f"context.draftOrders.entry[{indexes.get(key, 0)}].resource"
+        try:
+            _fhir_model(order["resourceType"]).model_validate(order)
+        except (ValueError, TypeError) as exc:
+            errors = getattr(exc, "errors", None)
+            details = errors() if callable(errors) else []
+            for err in details[:5] or [{"loc": (), "msg": "invalid FHIR resource"}]:
+                loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+                msg = str(err.get("msg", "invalid")).split("\n")[0][:160]
+                issues.append(Issue(f"{where}{'.' + loc if loc else ''}: {msg}", expression=where))
+    if issues:
+        raise ServiceError(422, issues[:20])

@@ -1,0 +1,242 @@
+"""From facts to criteria to a decision, for one group of draft orders under one policy.
+
+Requirement:  met if `met_when` is True; not met if `met_when` is False *and* `not_met_when` is True
+              (the record positively shows failure: age 17, a bipolar history, three trials);
+              otherwise unknown — with `case_by_case` when the policy leaves it to individual review.
+Exclusion:    holds (status "met") if `holds_when` is True and no documented clearance lifts it;
+              "not-met" if it is False (data read, nothing found) or lifted; unknown otherwise.
+Outcome:      blocked (an exclusion holds) > criteria-not-met (a requirement fails) >
+              documentation-needed (anything unknown) > likely-authorized. Unknown is never met.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from fhir_mappings.facts import DeriveFact, FactContext, SelectFact
+from fhir_mappings.model import (
+    CriterionKind,
+    CriterionResult,
+    Decision,
+    Evidence,
+    FactState,
+    Outcome,
+    Status,
+)
+from fhir_mappings.orders import OrderGroup
+from fhir_mappings.policy import Criterion, Phase, Policy
+from fhir_mappings.record import Availability, PatientRecord
+from fhir_mappings.rules import Verdict
+
+
+def _reads(policy: Policy, fact_names: Iterable[str], seen: set[str] | None = None) -> set[str]:
+    """Resource types a set of facts read, following derived facts' dependencies on other facts."""
+    seen = seen if seen is not None else set()
+    types: set[str] = set()
+    for name in fact_names:
+        if name in seen:
+            continue
+        seen.add(name)
+        definition = policy.library.facts[name]
+        if isinstance(definition, SelectFact):
+            types.add(definition.resource_type)
+        elif isinstance(definition, DeriveFact):
+            types.update(definition.reads)
+            spec = definition.spec
+            nested = [v for k, v in definition.params.items() if spec.params.get(k) == "fact"]
+            for k, v in definition.params.items():
+                if spec.params.get(k) == "facts":
+                    nested.extend(v.values() if isinstance(v, dict) else v)
+            types |= _reads(policy, nested, seen)
+    return types
+
+
+def _checked(policy: Policy, criterion: Criterion, ctx: FactContext) -> str:
+    """What was looked at, e.g. "checked 14 Condition, 31 Observation (all read)"."""
+    types = sorted(_reads(policy, criterion.facts))
+    if not types:
+        return ""
+    parts = []
+    incomplete = []
+    for rtype in types:
+        parts.append(f"{len(ctx.record.of_type(rtype))} {rtype}")
+        if ctx.record.availability(rtype) is not Availability.READ:
+            incomplete.append(rtype)
+    text = "checked " + ", ".join(parts)
+    if incomplete:
+        text += f"; not fully available: {', '.join(incomplete)}"
+    return text
+
+
+def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -> CriterionResult:
+    def result(
+        status: Status,
+        verdict: Verdict | None,
+        explanation: str = "",
+        missing: str = "",
+        cleared: tuple[Evidence, ...] = (),
+        case_by_case: bool = False,
+    ) -> CriterionResult:
+        return CriterionResult(
+            id=criterion.id,
+            kind=criterion.kind,
+            title=criterion.title,
+            quote=criterion.quote,
+            status=status,
+            evidence=_unique(verdict.evidence) if verdict else (),
+            explanation=explanation,
+            missing=missing,
+            cleared_by=cleared,
+            case_by_case=case_by_case,
+        )
+
+    def review() -> Verdict | None:
+        if criterion.case_by_case_when is None:
+            return None
+        verdict = criterion.case_by_case_when.evaluate(ctx)
+        return verdict if verdict.value is True else None
+
+    checked = _checked(policy, criterion, ctx)
+    if criterion.kind is CriterionKind.REQUIREMENT:
+        assert criterion.met_when is not None
+        met = criterion.met_when.evaluate(ctx)
+        if met.value is True:
+            return result(Status.MET, met)
+        if met.value is False and criterion.not_met_when is not None:
+            failing = criterion.not_met_when.evaluate(ctx)
+            if failing.value is True:
+                return result(Status.NOT_MET, failing, criterion.not_met_text or "the record shows it is not met")
+        reviewed = review()
+        if reviewed is not None:
+            return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
+        return result(Status.UNKNOWN, met, checked, criterion.ask)
+
+    assert criterion.holds_when is not None
+    holds = criterion.holds_when.evaluate(ctx)
+    if holds.value is True:
+        if criterion.lifted_by is not None:
+            lifted = criterion.lifted_by.evaluate(ctx)
+            if lifted.value is True:
+                return result(
+                    Status.NOT_MET,
+                    holds,
+                    f"present, lifted by documented {criterion.clearance} clearance",
+                    cleared=lifted.evidence,
+                )
+            if lifted.value is None:
+                return result(
+                    Status.UNKNOWN,
+                    holds,
+                    f"present; whether {criterion.clearance} clearance is documented could not be read",
+                    criterion.ask or f"Document {criterion.clearance} clearance for IV ketamine.",
+                )
+            return result(Status.MET, holds, f"present, no {criterion.clearance} clearance on record")
+        return result(Status.MET, holds, "present")
+    if holds.value is None and criterion.lifted_by is not None:
+        lifted = criterion.lifted_by.evaluate(ctx)
+        if lifted.value is True:
+            return result(
+                Status.NOT_MET, holds, f"lifted by documented {criterion.clearance} clearance", cleared=lifted.evidence
+            )
+    reviewed = review()
+    if reviewed is not None:
+        return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
+    if holds.value is None:
+        return result(Status.UNKNOWN, holds, checked, criterion.ask or "Document whether this applies.")
+    return result(Status.NOT_MET, holds, checked or "no evidence")
+
+
+def _unique(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:
+    """Evidence in first-seen order without repeats (rules combining facts often cite the same item twice)."""
+    seen: dict[tuple[str, str | None, str | None], Evidence] = {}
+    for item in evidence:
+        seen.setdefault((item.reference, item.date, item.note), item)
+    return tuple(seen.values())
+
+
+def choose_phase(policy: Policy, ctx: FactContext) -> tuple[Phase, str]:
+    """The first phase whose `when` holds; an undecidable phase falls back to the default, with a note."""
+    default = next(p for p in policy.phases if p.when is None)
+    note = ""
+    for phase in policy.phases:
+        if phase.when is None:
+            continue
+        verdict = phase.when.evaluate(ctx)
+        if verdict.value is True:
+            return phase, ""
+        if verdict.value is None:
+            note = (
+                f"Whether this is a {phase.title.lower()} could not be determined from the record; "
+                f"evaluated as {default.title.lower()}."
+            )
+    return default, note
+
+
+def outcome_of(results: Iterable[CriterionResult]) -> Outcome:
+    results = list(results)
+    if any(r.kind is CriterionKind.EXCLUSION and r.status is Status.MET for r in results):
+        return Outcome.BLOCKED
+    if any(r.kind is CriterionKind.REQUIREMENT and r.status is Status.NOT_MET for r in results):
+        return Outcome.CRITERIA_NOT_MET
+    if any(r.status is Status.UNKNOWN for r in results):
+        return Outcome.DOCUMENTATION_NEEDED
+    return Outcome.LIKELY_AUTHORIZED
+
+
+def _headline(outcome: Outcome, results: list[CriterionResult]) -> str:
+    def titles(kind: CriterionKind, status: Status) -> list[str]:
+        return [r.title for r in results if r.kind is kind and r.status is status]
+
+    if outcome is Outcome.BLOCKED:
+        return "Exclusion applies: " + "; ".join(titles(CriterionKind.EXCLUSION, Status.MET))
+    if outcome is Outcome.CRITERIA_NOT_MET:
+        return "Requirement not met: " + "; ".join(titles(CriterionKind.REQUIREMENT, Status.NOT_MET))
+    if outcome is Outcome.DOCUMENTATION_NEEDED:
+        unknown = [r.title for r in results if r.status is Status.UNKNOWN]
+        return "Not documented: " + "; ".join(unknown)
+    counts = Counter(r.kind for r in results)
+    return (
+        f"All {counts[CriterionKind.REQUIREMENT]} requirements are documented and none of the "
+        f"{counts[CriterionKind.EXCLUSION]} exclusions applies."
+    )
+
+
+def evaluate_policy(
+    policy: Policy, record: PatientRecord, group: OrderGroup, *, coverage_ref: str | None, version: str
+) -> Decision:
+    """The decision for one order group under one policy (scope, phase, criteria, notes)."""
+    ctx = FactContext(policy.library, record, group)
+    base = dict(
+        order_refs=group.refs,
+        order_label=group.label,
+        policy=policy.ref,
+        coverage_ref=coverage_ref,
+        links=policy.links,
+        mapping_version=version,
+    )
+    for scope in policy.scope:
+        if scope.when.evaluate(ctx).value is True:
+            return Decision(
+                outcome=scope.outcome, headline=scope.message, notes=(scope.quote,) if scope.quote else (), **base
+            )
+    phase, phase_note = choose_phase(policy, ctx)
+    results = [evaluate_criterion(policy, c, ctx) for c in policy.criteria if phase.id in c.phases]
+    outcome = outcome_of(results)
+    notes: list[str] = [phase_note] if phase_note else []
+    for fact_name in policy.notes:
+        fact = ctx.fact(fact_name)
+        if fact.state is FactState.PRESENT and isinstance(fact.value, tuple):
+            notes.extend(str(n) for n in fact.value)
+    obligations = policy.obligations if outcome in (Outcome.LIKELY_AUTHORIZED, Outcome.DOCUMENTATION_NEEDED) else ()
+    return Decision(
+        outcome=outcome,
+        phase=phase.id if len(policy.phases) > 1 else None,
+        criteria=tuple(results),
+        headline=_headline(outcome, results),
+        notes=tuple(notes),
+        obligations=obligations,
+        authorization_days=phase.authorization_days,
+        facts=ctx.computed(),
+        **base,
+    )

@@ -1,0 +1,249 @@
+"""Everything the service knows about the policies, loaded and checked once at start-up.
+
+`Mappings.load()` reads the value sets, the site configuration, the prefetch queries, the shared facts,
+every policy file and the routing table, cross-checks them (unknown value set, unknown fact, bad
+jsonpath, unknown policy...) and computes the mapping-set version recorded with every decision.
+`triage()` and `decide()` are the two calls the request path makes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fhir_mappings import derivations as _derivations  # noqa: F401  (registers the derive functions)
+from fhir_mappings.engine import evaluate_policy
+from fhir_mappings.facts import FactError, FactLibrary
+from fhir_mappings.model import Decision, Evidence, Outcome
+from fhir_mappings.orders import OrderClassifier, OrderGroup, OrderKind
+from fhir_mappings.policy import Policy, PolicyError, load_policies
+from fhir_mappings.queries import QueryConfigError, QuerySet, load_queries
+from fhir_mappings.record import PatientRecord
+from fhir_mappings.routing import Route, RouteKind, Router, RoutingError
+from fhir_mappings.valuesets import ValueSetError, ValueSetRegistry
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SITE_KEYS = {"valuesets", "credentialed_clinics", "payers", "no_policy_card"}
+
+
+class MappingError(ValueError):
+    """The mappings or the site configuration are invalid; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Site configuration an informaticist supplies without editing shipped files."""
+
+    valuesets: Mapping[str, list[dict[str, str]]] = field(default_factory=dict)  # value-set id -> extra codes
+    credentialed_clinics: tuple[dict[str, str], ...] = ()  # {"system", "value"} of Organization/Location
+    payers: Mapping[str, Any] = field(default_factory=dict)  # payer id -> {"identifiers": [...], "names": [...]}
+    no_policy_card: bool | None = None
+    text: str = ""
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> SiteConfig:
+        path = Path(path)
+        text = path.read_text(encoding="utf-8")
+        try:
+            doc = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise MappingError(f"site configuration {path.name}: not valid {path.suffix.lstrip('.')}: {exc}") from None
+        return cls.from_mapping(doc or {}, text)
+
+    @classmethod
+    def from_mapping(cls, doc: Mapping[str, Any], text: str = "") -> SiteConfig:
+        if not isinstance(doc, Mapping):
+            raise MappingError("site configuration: must be a mapping")
+        extra = set(doc) - _SITE_KEYS
+        if extra:
+            raise MappingError(
+                f"site configuration: unexpected key(s) {', '.join(sorted(extra))}; allowed: {sorted(_SITE_KEYS)}"
+            )
+        clinics = doc.get("credentialed_clinics") or []
+        for i, clinic in enumerate(clinics):
+            if not isinstance(clinic, Mapping) or not clinic.get("system") or not clinic.get("value"):
+                raise MappingError(f"site configuration credentialed_clinics[{i}]: needs system and value")
+        valuesets = doc.get("valuesets") or {}
+        for vs_id, codes in valuesets.items():
+            if not isinstance(codes, list) or not all(
+                isinstance(c, Mapping) and c.get("system") and c.get("code") for c in codes
+            ):
+                raise MappingError(
+                    f"site configuration valuesets.{vs_id}: a list of {{system, code, display}} expected"
+                )
+        return cls(
+            valuesets=dict(valuesets),
+            credentialed_clinics=tuple(dict(c) for c in clinics),
+            payers=dict(doc.get("payers") or {}),
+            no_policy_card=doc.get("no_policy_card"),
+            text=text or json.dumps(doc, sort_keys=True),
+        )
+
+
+@dataclass
+class Mappings:
+    registry: ValueSetRegistry
+    queries: QuerySet
+    facts: FactLibrary
+    policies: dict[str, Policy]
+    router: Router
+    classifier: OrderClassifier
+    version: str
+    site: SiteConfig
+
+    @classmethod
+    def load(cls, site: SiteConfig | None = None) -> Mappings:
+        site = site or SiteConfig()
+        try:
+            registry = ValueSetRegistry.load()
+            for vs_id, codes in site.valuesets.items():
+                if vs_id not in registry:
+                    raise MappingError(f"site configuration valuesets: unknown value set {vs_id!r}")
+                registry.extend(vs_id, list(codes))
+            if site.credentialed_clinics:
+                registry.extend(
+                    "site_credentialed_clinics",
+                    [
+                        {"system": c["system"], "code": c["value"], "display": c.get("name", "")}
+                        for c in site.credentialed_clinics
+                    ],
+                )
+            queries = load_queries(registry)
+            facts = FactLibrary.load(registry)
+            policies = load_policies(facts)
+            router = Router.load(registry, set(policies), additions=site.payers, no_policy_card=site.no_policy_card)
+        except (ValueSetError, QueryConfigError, FactError, PolicyError, RoutingError) as exc:
+            raise MappingError(str(exc)) from None
+        missing = (
+            {t for p in policies.values() for f in p.library.facts.values() for t in _reads_of(f)}
+            - queries.supplied_types()
+            - _REFERENCED_TYPES
+        )
+        if missing:
+            raise MappingError(f"facts read resource types no prefetch query supplies: {', '.join(sorted(missing))}")
+        digest = hashlib.sha256()
+        for part in (
+            registry.fingerprint,
+            facts.source_text,
+            router.source_text,
+            site.text,
+            json.dumps(queries.discovery_prefetch(), sort_keys=True),
+        ):
+            digest.update(part.encode())
+        for policy in policies.values():
+            digest.update(policy.library.source_text.encode())
+        return cls(
+            registry=registry,
+            queries=queries,
+            facts=facts,
+            policies=policies,
+            router=router,
+            classifier=OrderClassifier(registry),
+            version="ms-" + digest.hexdigest()[:12],
+            site=site,
+        )
+
+    # -- request path ----------------------------------------------------------------------------------
+    def triage(
+        self, draft_orders: list[dict[str, Any]], known: dict[str, dict[str, Any]] | None = None
+    ) -> list[OrderGroup]:
+        return self.classifier.classify(draft_orders, known)
+
+    def decide(self, record: PatientRecord, groups: list[OrderGroup]) -> list[Decision]:
+        """One decision per order group and applicable policy (or one 'no policy' decision for all)."""
+        route = self.router.resolve(record)
+        if route.kind is RouteKind.NO_POLICY:
+            if not self.router.no_policy_card:
+                return []
+            refs = tuple(r for g in groups for r in g.refs)
+            return [
+                Decision(
+                    outcome=Outcome.NO_POLICY,
+                    order_refs=refs,
+                    order_label=", ".join(g.label for g in groups),
+                    coverage_ref=route.coverage_ref,
+                    headline=route.message,
+                    program=route.reason,
+                    mapping_version=self.version,
+                    facts=(),
+                    notes=tuple(_evidence_notes(route.evidence)),
+                )
+            ]
+        decisions: list[Decision] = []
+        for group in groups:
+            decision = self._decide_group(record, group, route)
+            if decision is not None:
+                decisions.append(decision)
+        return decisions
+
+    def _decide_group(self, record: PatientRecord, group: OrderGroup, route: Route) -> Decision | None:
+        if group.kind is OrderKind.ESKETAMINE:
+            pointer = route.esketamine
+            if pointer is None:
+                return None
+            return Decision(
+                outcome=Outcome.NOT_APPLICABLE,
+                order_refs=group.refs,
+                order_label=group.label,
+                coverage_ref=route.coverage_ref,
+                headline=pointer.message,
+                program=pointer.program,
+                mapping_version=self.version,
+            )
+        policy = self.policies.get(route.policy_id) if route.policy_id else None
+        if route.kind is RouteKind.VARIATION:
+            assert route.plan is not None and route.plan.variation is not None
+            variation = route.plan.variation
+            kinds = policy.applies_to if policy else frozenset(OrderKind(k) for k in variation.applies_to)
+            if group.kind not in kinds:
+                return None
+            fallback = (
+                evaluate_policy(policy, record, group, coverage_ref=route.coverage_ref, version=self.version)
+                if policy
+                else None
+            )
+            return Decision(
+                outcome=Outcome.PLAN_VARIATION,
+                order_refs=group.refs,
+                order_label=group.label,
+                policy=policy.ref if policy else None,
+                phase=fallback.phase if fallback else None,
+                criteria=fallback.criteria if fallback else (),
+                coverage_ref=route.coverage_ref,
+                headline=variation.message,
+                notes=(variation.quote, *(fallback.notes if fallback else ())),
+                program=variation.program,
+                links=variation.links + (policy.links if policy else ()),
+                authorization_days=fallback.authorization_days if fallback else None,
+                mapping_version=self.version,
+                facts=fallback.facts if fallback else (),
+            )
+        assert policy is not None
+        if group.kind not in policy.applies_to:
+            return None
+        return evaluate_policy(policy, record, group, coverage_ref=route.coverage_ref, version=self.version)
+
+
+# Types that arrive by reference resolution rather than by a prefetch query of their own.
+_REFERENCED_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location", "Medication"})
+
+
+def _reads_of(definition: Any) -> tuple[str, ...]:
+    return tuple(getattr(definition, "reads", ()))
+
+
+def _evidence_notes(evidence: tuple[Evidence, ...]) -> list[str]:
+    return [f"{e.reference}{' (' + e.display + ')' if e.display else ''}" for e in evidence]
+
+
+@functools.cache
+def load_engine() -> Mappings:
+    """The shipped mappings without site configuration, loaded once per process (tests and tools)."""
+    return Mappings.load()

@@ -1,0 +1,117 @@
+"""Policy fixture tests, in the spirit of OPA's `*_test.rego`: next to each policy file, a folder
+`<policy>.cases/` holds a base patient (`base.json`) and one JSON file per case that patches it and states
+the expected outcome, phase and criterion statuses. A failing case prints its description and the
+criteria that differ, so an informaticist can read the test like the policy.
+
+Case file keys: description, base (default base.json), now (ISO date, default the base's anchor_date),
+set [{ref, path, value}] (dotted path; null deletes), remove [Type/id or Type/id-prefix*], add [resources]
+(replace when Type/id exists), draft_orders (replaces the orders), order_set [{path, value}] (patch the
+first draft order), unavailable [resource types not read], expect {outcome, phase, criteria {id: status},
+notes_contain [text]}.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fhir_mappings.engine import evaluate_policy
+from fhir_mappings.mappings import load_engine
+from fhir_mappings.record import Availability, PatientRecord, QueryOutcome
+
+HERE = Path(__file__).parent
+CASES = sorted(p for d in HERE.glob("*.cases") for p in d.glob("*.json") if p.name != "base.json")
+
+
+def _set_path(resource: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node: Any = resource
+    for part in parts[:-1]:
+        key: Any = int(part) if part.isdigit() else part
+        if isinstance(node, dict) and key not in node:
+            node[key] = {}
+        node = node[key]
+    last: Any = int(parts[-1]) if parts[-1].isdigit() else parts[-1]
+    if value is None:
+        if isinstance(node, dict):
+            node.pop(last, None)
+        else:
+            del node[last]
+    else:
+        node[last] = value
+
+
+def build_case(path: Path) -> tuple[dict[str, Any], PatientRecord, str]:
+    case = json.loads(path.read_text())
+    base = json.loads((path.parent / case.get("base", "base.json")).read_text())
+    resources = {
+        f"{e['resource']['resourceType']}/{e['resource']['id']}": copy.deepcopy(e["resource"])
+        for e in base["bundle"]["entry"]
+    }
+    for pattern in case.get("remove", []):
+        for key in [k for k in resources if k == pattern or (pattern.endswith("*") and k.startswith(pattern[:-1]))]:
+            del resources[key]
+    for resource in case.get("add", []):
+        resources[f"{resource['resourceType']}/{resource['id']}"] = resource
+    for change in case.get("set", []):
+        _set_path(resources[change["ref"]], change["path"], change["value"])
+    orders = copy.deepcopy(case.get("draft_orders", base["draft_orders"]))
+    for change in case.get("order_set", []):
+        _set_path(orders[0], change["path"], change["value"])
+    now = datetime.fromisoformat(case.get("now", base["anchor_date"]) + "T17:00:00+00:00")
+    engine = load_engine()
+    unavailable = set(case.get("unavailable", []))
+    queries = {
+        t: QueryOutcome(t, (t,), Availability.UNAVAILABLE if t in unavailable else Availability.READ, "prefetch")
+        for t in engine.queries.supplied_types()
+    }
+    record = PatientRecord(
+        patient_id=base["patient_id"],
+        now=now,
+        resources=[r for k, r in resources.items() if k.split("/")[0] not in unavailable],
+        queries=queries,
+        draft_orders=orders,
+        user_id=base.get("user_id"),
+        encounter_id=base.get("encounter_id"),
+        references_resolvable=True,
+    )
+    return case, record, path.parent.name.removesuffix(".cases")
+
+
+@pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name.removesuffix('.cases')}/{p.stem}" for p in CASES])
+def test_policy_case(path: Path) -> None:
+    case, record, policy_id = build_case(path)
+    engine = load_engine()
+    groups = engine.classifier.classify(record.draft_orders)
+    assert groups, f"{path.name}: no ketamine-related draft order"
+    decision = evaluate_policy(
+        engine.policies[policy_id], record, groups[0], coverage_ref="Coverage/case", version="test"
+    )
+    expect = case["expect"]
+    statuses = {c.id: c.status.value for c in decision.criteria}
+    problems = []
+    if decision.outcome.value != expect["outcome"]:
+        problems.append(f"outcome {decision.outcome.value} != expected {expect['outcome']} ({decision.headline})")
+    if "phase" in expect and decision.phase != expect["phase"]:
+        problems.append(f"phase {decision.phase} != expected {expect['phase']}")
+    for cid, status in expect.get("criteria", {}).items():
+        if cid not in statuses:
+            problems.append(f"criterion {cid} not evaluated (phase {decision.phase})")
+        elif statuses[cid] != status:
+            result = next(c for c in decision.criteria if c.id == cid)
+            problems.append(f"{cid}: {statuses[cid]} != expected {status} — {result.explanation or result.missing}")
+    for text in expect.get("notes_contain", []):
+        if not any(text in note for note in decision.notes):
+            problems.append(f"no note containing {text!r} in {decision.notes}")
+    assert not problems, f"{case['description']}\n  " + "\n  ".join(problems)
+
+
+def test_every_policy_has_cases() -> None:
+    engine = load_engine()
+    for policy_id in engine.policies:
+        assert (HERE / f"{policy_id}.cases" / "base.json").is_file(), f"{policy_id} has no fixture cases"

@@ -1,0 +1,462 @@
+"""The rule language of the policy files, with three-valued (Kleene) logic.
+
+A rule is a small YAML/JSON structure an informaticist can read next to the policy text:
+
+    all / any: [rule, ...]            not: rule
+    exists: FACT  [where: COND] [absent: unknown]
+    count: FACT   [where: COND]  ">=": 4          (also >, <=, <, ==)
+    distinct: FACT field: NAME [where: COND] ">=": 2
+    latest: FACT  [where: COND]  then: COND [absent: unknown]
+    value: FACT   ">=": 18                         (a fact with a single value)
+
+and COND, a condition on one item of a fact (one diagnosis, one score, one treatment trial):
+
+    all / any: [cond, ...]            not: cond
+    field: NAME  (">=" | ">" | "<=" | "<" | "==" | "!=" | in | is | present | contains): VALUE
+    within_days: N   older_than_days: N   (item date relative to the evaluation date)
+    code_in: VALUESET
+
+Values may name a policy threshold as "@name". Every rule evaluates to True, False or None
+(unknown) *with the evidence* behind the answer. Unknown is never silently turned into True:
+`exists` is False only when the fact's data was read completely; counts give an answer only when
+every possible completion of the unknown items agrees (e.g. "≥ 4 trials" is False only if even
+counting every trial of unknown adequacy there are fewer than 4).
+
+Rules are compiled once at load time (`compile_rule`), which checks fact names, fields, operators
+and thresholds and reports the path of any mistake; evaluation does no parsing.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Protocol
+
+from fhir_mappings.model import Evidence, Fact, FactState
+
+Truth = bool | None
+MAX_EVIDENCE = 12
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
+
+
+class RuleError(ValueError):
+    """A rule in a policy file is malformed; the message carries its location."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One element of a fact: a diagnosis, a score, a treatment trial, a practitioner role, ..."""
+
+    evidence: Evidence
+    date: date | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    codes: frozenset[str] = frozenset()  # value-set ids the item's code belongs to (for code_in)
+
+    def get(self, name: str) -> Any:
+        return self.fields.get(name)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    value: Truth
+    evidence: tuple[Evidence, ...] = ()
+
+    @staticmethod
+    def of(value: Truth, items: list[Item] | tuple[Item, ...] = ()) -> Verdict:
+        seen: dict[str, Evidence] = {}
+        for item in items:
+            seen.setdefault(item.evidence.reference + (item.evidence.date or ""), item.evidence)
+            if len(seen) >= MAX_EVIDENCE:
+                break
+        return Verdict(value, tuple(seen.values()))
+
+
+class FactSource(Protocol):
+    """Where rules get facts from during one evaluation (cached per order group and policy)."""
+
+    today: date
+
+    def fact(self, name: str) -> Fact: ...
+
+
+# --- conditions on items ----------------------------------------------------------------------------
+class Cond:
+    def test(self, item: Item, today: date) -> Truth:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _AllCond(Cond):
+    parts: tuple[Cond, ...]
+
+    def test(self, item: Item, today: date) -> Truth:
+        results = [p.test(item, today) for p in self.parts]
+        if any(r is False for r in results):
+            return False
+        return None if any(r is None for r in results) else True
+
+
+@dataclass(frozen=True)
+class _AnyCond(Cond):
+    parts: tuple[Cond, ...]
+
+    def test(self, item: Item, today: date) -> Truth:
+        results = [p.test(item, today) for p in self.parts]
+        if any(r is True for r in results):
+            return True
+        return None if any(r is None for r in results) else False
+
+
+@dataclass(frozen=True)
+class _NotCond(Cond):
+    part: Cond
+
+    def test(self, item: Item, today: date) -> Truth:
+        r = self.part.test(item, today)
+        return None if r is None else not r
+
+
+@dataclass(frozen=True)
+class _FieldCond(Cond):
+    field: str
+    op: str
+    value: Any
+
+    def test(self, item: Item, today: date) -> Truth:
+        actual = item.get(self.field)
+        if self.op == "present":
+            return (actual is not None) is bool(self.value)
+        if actual is None:
+            return None
+        if self.op == "is":
+            return actual is self.value if isinstance(self.value, bool) else actual == self.value
+        if self.op == "in":
+            return actual in self.value
+        if self.op == "contains":
+            return self.value in actual if isinstance(actual, set | frozenset | tuple | list) else None
+        try:
+            return _OPS[self.op](actual, self.value)
+        except TypeError:
+            return None
+
+
+@dataclass(frozen=True)
+class _WithinDays(Cond):
+    days: int
+    older: bool  # True: older_than_days
+
+    def test(self, item: Item, today: date) -> Truth:
+        if item.date is None:
+            return None
+        age = (today - item.date).days  # negative for future dates, which count as recent
+        return age > self.days if self.older else age <= self.days
+
+
+@dataclass(frozen=True)
+class _CodeIn(Cond):
+    valueset: str
+
+    def test(self, item: Item, today: date) -> Truth:
+        return self.valueset in item.codes
+
+
+@dataclass(frozen=True)
+class _TrueCond(Cond):
+    def test(self, item: Item, today: date) -> Truth:
+        return True
+
+
+# --- rules --------------------------------------------------------------------------------------------
+class Rule:
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _items(fact: Fact) -> tuple[Item, ...]:
+    value = fact.value
+    return value if isinstance(value, tuple) else ()
+
+
+def _partition(fact: Fact, where: Cond, today: date) -> tuple[list[Item], list[Item]]:
+    true_items: list[Item] = []
+    unknown_items: list[Item] = []
+    for item in _items(fact):
+        r = where.test(item, today)
+        if r is True:
+            true_items.append(item)
+        elif r is None:
+            unknown_items.append(item)
+    return true_items, unknown_items
+
+
+def _complete(fact: Fact) -> bool:
+    return fact.state is not FactState.UNAVAILABLE and fact.complete
+
+
+@dataclass(frozen=True)
+class _All(Rule):
+    parts: tuple[Rule, ...]
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        verdicts = [p.evaluate(src) for p in self.parts]
+        if any(v.value is False for v in verdicts):
+            return Verdict(False, sum((v.evidence for v in verdicts if v.value is False), ()))
+        value = None if any(v.value is None for v in verdicts) else True
+        return Verdict(value, sum((v.evidence for v in verdicts), ()))
+
+
+@dataclass(frozen=True)
+class _Any(Rule):
+    parts: tuple[Rule, ...]
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        verdicts = [p.evaluate(src) for p in self.parts]
+        if any(v.value is True for v in verdicts):
+            return Verdict(True, sum((v.evidence for v in verdicts if v.value is True), ()))
+        value = None if any(v.value is None for v in verdicts) else False
+        return Verdict(value, sum((v.evidence for v in verdicts if v.value is None), ()))
+
+
+@dataclass(frozen=True)
+class _Not(Rule):
+    part: Rule
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        v = self.part.evaluate(src)
+        return Verdict(None if v.value is None else not v.value, v.evidence)
+
+
+@dataclass(frozen=True)
+class _Exists(Rule):
+    fact_name: str
+    where: Cond
+    absent_unknown: bool
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        fact = src.fact(self.fact_name)
+        true_items, unknown_items = _partition(fact, self.where, src.today)
+        if true_items:
+            return Verdict.of(True, true_items)
+        if unknown_items or not _complete(fact) or self.absent_unknown:
+            return Verdict.of(None, unknown_items)
+        return Verdict(False)
+
+
+@dataclass(frozen=True)
+class _Count(Rule):
+    fact_name: str
+    where: Cond
+    op: str
+    threshold: int
+    distinct_field: str | None = None
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        fact = src.fact(self.fact_name)
+        true_items, unknown_items = _partition(fact, self.where, src.today)
+        if self.distinct_field:
+            definite = {i.get(self.distinct_field) for i in true_items} - {None}
+            possible_values = definite | {i.get(self.distinct_field) for i in unknown_items}
+            low = len(definite)
+            high = len(possible_values - {None}) + (1 if None in possible_values else 0)
+        else:
+            low, high = len(true_items), len(true_items) + len(unknown_items)
+        if not _complete(fact):
+            high = 10**9
+        compare = _OPS[self.op]
+        outcomes = {compare(n, self.threshold) for n in _sample_range(low, high, self.threshold)}
+        if outcomes == {True}:
+            return Verdict.of(True, true_items)
+        if outcomes == {False}:
+            return Verdict.of(False, true_items)
+        return Verdict.of(None, [*true_items, *unknown_items])
+
+
+def _sample_range(low: int, high: int, threshold: int) -> set[int]:
+    """Values of [low, high] that decide a comparison with `threshold` (no need to enumerate all)."""
+    candidates = {low, high, threshold - 1, threshold, threshold + 1}
+    return {n for n in candidates if low <= n <= high}
+
+
+@dataclass(frozen=True)
+class _Latest(Rule):
+    fact_name: str
+    where: Cond
+    then: Cond
+    absent_unknown: bool
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        fact = src.fact(self.fact_name)
+        true_items, _unknown = _partition(fact, self.where, src.today)
+        dated = [i for i in true_items if i.date is not None]
+        if not dated:
+            if not _complete(fact) or self.absent_unknown or true_items:
+                return Verdict.of(None, true_items)
+            return Verdict(False)
+        latest = max(dated, key=lambda i: i.date or date.min)
+        return Verdict.of(self.then.test(latest, src.today), [latest])
+
+
+@dataclass(frozen=True)
+class _Value(Rule):
+    fact_name: str
+    op: str
+    threshold: Any
+    facts: frozenset[str] = frozenset()
+
+    def evaluate(self, src: FactSource) -> Verdict:
+        fact = src.fact(self.fact_name)
+        if fact.state is not FactState.PRESENT or fact.value is None:
+            return Verdict(None, fact.evidence)
+        try:
+            result = _OPS[self.op](fact.value, self.threshold) if self.op != "is" else fact.value == self.threshold
+        except TypeError:
+            return Verdict(None, fact.evidence)
+        return Verdict(result, fact.evidence)
+
+
+# --- compilation ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompileContext:
+    known_facts: frozenset[str]
+    thresholds: Mapping[str, Any]
+    known_valuesets: frozenset[str]
+    where: str  # location prefix for error messages, e.g. "mgbhp-031.yaml criteria[3].met_when"
+
+
+def _resolve(value: Any, ctx: CompileContext, path: str) -> Any:
+    if isinstance(value, str) and value.startswith("@"):
+        name = value[1:]
+        if name not in ctx.thresholds:
+            raise RuleError(f"{path}: unknown threshold {value!r} (defined: {', '.join(sorted(ctx.thresholds))})")
+        return ctx.thresholds[name]
+    if isinstance(value, list):
+        return tuple(_resolve(v, ctx, path) for v in value)
+    return value
+
+
+def _only_keys(node: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    extra = set(node) - allowed
+    if extra:
+        raise RuleError(f"{path}: unexpected key(s) {', '.join(sorted(extra))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _op_of(node: Mapping[str, Any], path: str, allowed: tuple[str, ...] = tuple(_OPS)) -> tuple[str, Any]:
+    ops = [k for k in node if k in allowed]
+    if len(ops) != 1:
+        raise RuleError(f"{path}: expected exactly one comparison among {', '.join(allowed)}")
+    return ops[0], node[ops[0]]
+
+
+def compile_cond(node: Any, ctx: CompileContext, path: str) -> Cond:
+    if not isinstance(node, Mapping) or not node:
+        raise RuleError(f"{path}: a condition must be a non-empty mapping")
+    if "all" in node or "any" in node:
+        key = "all" if "all" in node else "any"
+        _only_keys(node, {key}, path)
+        parts = node[key]
+        if not isinstance(parts, list) or not parts:
+            raise RuleError(f"{path}.{key}: must be a non-empty list")
+        compiled = tuple(compile_cond(p, ctx, f"{path}.{key}[{i}]") for i, p in enumerate(parts))
+        return _AllCond(compiled) if key == "all" else _AnyCond(compiled)
+    if "not" in node:
+        _only_keys(node, {"not"}, path)
+        return _NotCond(compile_cond(node["not"], ctx, f"{path}.not"))
+    if "field" in node:
+        allowed_ops = (*_OPS, "in", "is", "present", "contains")
+        _only_keys(node, {"field", *allowed_ops}, path)
+        op, value = _op_of(node, path, allowed_ops)
+        value = _resolve(value, ctx, path)
+        if op == "in" and not isinstance(value, tuple):
+            raise RuleError(f"{path}: 'in' needs a list")
+        return _FieldCond(str(node["field"]), op, value)
+    if "within_days" in node or "older_than_days" in node:
+        key = "within_days" if "within_days" in node else "older_than_days"
+        _only_keys(node, {key}, path)
+        days = _resolve(node[key], ctx, path)
+        if not isinstance(days, int) or days < 0:
+            raise RuleError(f"{path}.{key}: must be a non-negative integer")
+        return _WithinDays(days, older=key == "older_than_days")
+    if "code_in" in node:
+        _only_keys(node, {"code_in"}, path)
+        if node["code_in"] not in ctx.known_valuesets:
+            raise RuleError(f"{path}: unknown value set {node['code_in']!r}")
+        return _CodeIn(node["code_in"])
+    raise RuleError(f"{path}: unknown condition {sorted(node)}")
+
+
+def _fact_name(node: Mapping[str, Any], key: str, ctx: CompileContext, path: str) -> str:
+    name = node[key]
+    if name not in ctx.known_facts:
+        raise RuleError(f"{path}: unknown fact {name!r}")
+    return str(name)
+
+
+def compile_rule(node: Any, ctx: CompileContext, path: str | None = None) -> Rule:
+    """Compile a rule mapping; raises RuleError naming the exact location of a mistake."""
+    path = path or ctx.where
+    if not isinstance(node, Mapping) or not node:
+        raise RuleError(f"{path}: a rule must be a non-empty mapping")
+    where = compile_cond(node["where"], ctx, f"{path}.where") if "where" in node else _TrueCond()
+    absent = node.get("absent", "false")
+    if absent not in ("false", "unknown", False):
+        raise RuleError(f"{path}.absent: must be 'unknown' or false")
+    absent_unknown = absent == "unknown"
+    if "all" in node or "any" in node:
+        key = "all" if "all" in node else "any"
+        _only_keys(node, {key}, path)
+        if not isinstance(node[key], list) or not node[key]:
+            raise RuleError(f"{path}.{key}: must be a non-empty list")
+        parts = tuple(compile_rule(p, ctx, f"{path}.{key}[{i}]") for i, p in enumerate(node[key]))
+        facts = frozenset().union(*(p.facts for p in parts))
+        return _All(parts, facts) if key == "all" else _Any(parts, facts)
+    if "not" in node:
+        _only_keys(node, {"not"}, path)
+        part = compile_rule(node["not"], ctx, f"{path}.not")
+        return _Not(part, part.facts)
+    if "exists" in node:
+        _only_keys(node, {"exists", "where", "absent"}, path)
+        name = _fact_name(node, "exists", ctx, path)
+        return _Exists(name, where, absent_unknown, frozenset({name}))
+    if "count" in node or "distinct" in node:
+        key = "count" if "count" in node else "distinct"
+        allowed = {key, "where", *_OPS} | ({"field"} if key == "distinct" else set())
+        _only_keys(node, allowed, path)
+        name = _fact_name(node, key, ctx, path)
+        op, threshold = _op_of(node, path)
+        threshold = _resolve(threshold, ctx, path)
+        if not isinstance(threshold, int):
+            raise RuleError(f"{path}: a count threshold must be an integer")
+        if key == "distinct" and "field" not in node:
+            raise RuleError(f"{path}: 'distinct' needs 'field'")
+        return _Count(name, where, op, threshold, node.get("field"), frozenset({name}))
+    if "latest" in node:
+        _only_keys(node, {"latest", "where", "then", "absent"}, path)
+        name = _fact_name(node, "latest", ctx, path)
+        if "then" not in node:
+            raise RuleError(f"{path}: 'latest' needs 'then'")
+        then = compile_cond(node["then"], ctx, f"{path}.then")
+        return _Latest(name, where, then, absent_unknown, frozenset({name}))
+    if "value" in node:
+        _only_keys(node, {"value", *_OPS, "is"}, path)
+        name = _fact_name(node, "value", ctx, path)
+        op, threshold = _op_of(node, path, (*_OPS, "is"))
+        return _Value(name, op, _resolve(threshold, ctx, path), frozenset({name}))
+    raise RuleError(f"{path}: unknown rule {sorted(node)}")
