@@ -31,6 +31,7 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_START_TIMEOUT = 30.0
 _LOG_TAIL_CHARS = 3000
 _PR_SET_PDEATHSIG = 1
+_PORT_ATTEMPTS = 3
 
 
 class FhirServerError(RuntimeError):
@@ -132,15 +133,30 @@ class FhirServerProcess:
         return self._workdir / "sekmet.log" if self._workdir else None
 
     def start(self, port: int | None = None, token: str | None = None) -> FhirServerProcess:
-        """Start the server and wait until `/metadata` answers; raises FhirServerError with its log tail."""
+        """Start the server and wait until `/metadata` answers; raises FhirServerError with its log tail.
+
+        Without `port`, a free one is picked; if another process grabs it first, start-up is retried on a new one.
+        """
         if self._process is not None:
             raise FhirServerError("this FhirServerProcess is already started")
-        self.port = port or free_port()
         self.token = token or secrets.token_urlsafe(32)
+        started = time.perf_counter()
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            try:
+                self._start_once(port or free_port())
+                break
+            except FhirServerError as exc:
+                lost_port_race = port is None and "address already in use" in str(exc).lower()
+                if not lost_port_race or attempt == _PORT_ATTEMPTS:
+                    raise
+        self.startup_seconds = time.perf_counter() - started
+        return self
+
+    def _start_once(self, port: int) -> None:
+        self.port = port
         self._workdir = Path(tempfile.mkdtemp(prefix="ketamine-cds-fhir-"))
         settings_path = self._workdir / "settings.yaml"
         settings_path.write_text(yaml.safe_dump(self._settings()), encoding="utf-8")
-        started = time.perf_counter()
         try:
             self._log = (self._workdir / "sekmet.log").open("wb")
             self._process = subprocess.Popen(
@@ -157,8 +173,6 @@ class FhirServerProcess:
         except BaseException:  # includes KeyboardInterrupt while waiting: never leave a half-started server
             self.stop()
             raise
-        self.startup_seconds = time.perf_counter() - started
-        return self
 
     def _settings(self) -> dict[str, object]:
         assert self._workdir is not None and self.port is not None

@@ -118,16 +118,24 @@ def test_context_manager_stops_on_exception() -> None:
         os.kill(pid, 0)
 
 
-def test_start_failure_reports_the_log_tail() -> None:
-    busy = FhirServerProcess().start()
-    try:
-        clash = FhirServerProcess(start_timeout=10)
-        with pytest.raises(FhirServerError) as error:
-            clash.start(port=busy.port)
-        assert "address already in use" in str(error.value).lower() or "exited" in str(error.value)
-        assert not clash.running
-    finally:
-        busy.stop()
+def test_start_failure_reports_the_log_tail(fhir_server: FhirServerProcess) -> None:
+    clash = FhirServerProcess(start_timeout=10)
+    with pytest.raises(FhirServerError) as error:
+        clash.start(port=fhir_server.port)  # taken: the new sekmet exits, and the old one must not pass for it
+    assert "exited with code" in str(error.value)
+    assert "address already in use" in str(error.value).lower()
+    assert not clash.running
+    assert fhir_server.running
+
+
+def test_lost_port_race_is_retried_on_another_port(
+    fhir_server: FhirServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ports = iter([fhir_server.port, free_port()])  # the first "free" port gets taken before sekmet binds it
+    monkeypatch.setattr("sandbox.fhir_server.free_port", lambda: next(ports))
+    with FhirServerProcess().start() as server:
+        assert server.port != fhir_server.port
+        assert server.session().get(f"{server.base_url}/Patient", timeout=5).status_code == 200
 
 
 def test_free_port_is_bindable() -> None:
