@@ -130,6 +130,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         with interrupts_as_keyboard_interrupt(), FhirServerProcess().start(port=args.port) as server:
             print(f"FHIR base URL: {server.base_url}", flush=True)
             print(f"bearer token:  {server.token}", flush=True)
+            print(f"data dir:      {server.data_dir}", flush=True)
             print(f"(started in {server.startup_seconds:.1f} s; Ctrl-C stops it and deletes its data)", flush=True)
             if args.load:
                 report = load_into(server.base_url, load_all(args.scenarios), token=server.token, today=args.today)

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -287,7 +288,13 @@ def pick_showcase(rows: Sequence[RunRow], wanted_ids: Sequence[str] = (), count:
 
 @contextlib.contextmanager
 def interrupts_as_keyboard_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise KeyboardInterrupt so `finally` blocks stop the children; handlers restored after."""
+    """SIGTERM/SIGHUP raise KeyboardInterrupt so `finally` blocks stop the children; handlers restored after.
+
+    Signal handlers can only be set from the main thread; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def raise_interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

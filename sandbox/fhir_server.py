@@ -129,6 +129,11 @@ class FhirServerProcess:
         return self._process.pid if self._process else None
 
     @property
+    def data_dir(self) -> Path | None:
+        """The throw-away directory holding settings, database and log (deleted by `stop()`)."""
+        return self._workdir
+
+    @property
     def log_path(self) -> Path | None:
         return self._workdir / "sekmet.log" if self._workdir else None
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 import requests
@@ -140,3 +146,47 @@ def test_lost_port_race_is_retried_on_another_port(
 
 def test_free_port_is_bindable() -> None:
     assert 1024 < free_port() < 65536
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_server_command_leaves_no_orphan_when_killed(sig: signal.Signals) -> None:
+    """`sandbox server` stops sekmet on SIGTERM (cleanly) and even on SIGKILL (the kernel's parent-death signal)."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "sandbox.cli", "sandbox", "server"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert command.stdout is not None
+        first_line = command.stdout.readline()
+        assert first_line.startswith("FHIR base URL: http://127.0.0.1:"), first_line
+        command.stdout.readline()  # bearer token
+        data_dir = Path(command.stdout.readline().split(":", 1)[1].strip())
+        assert data_dir.is_dir()
+        children = _children(command.pid)
+        assert len(children) == 1
+        os.kill(command.pid, sig)
+        command.wait(timeout=15)
+        assert _wait_gone(children[0]), "sekmet outlived the command"
+        if sig == signal.SIGTERM:
+            assert not data_dir.exists(), "a clean stop deletes the data"
+        shutil.rmtree(data_dir, ignore_errors=True)  # after SIGKILL nobody could
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
