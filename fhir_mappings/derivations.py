@@ -1126,3 +1126,366 @@ def _per_week(repeat: Mapping[str, Any]) -> float | None:
         return None
     days = {"d": 1, "wk": 7, "mo": 30, "h": 1 / 24}.get(str(unit))
     return None if days is None else frequency * 7 / (period * days)
+
+
+# --- ketamine-assisted psychotherapy (MP-054) --------------------------------------------------------
+def _order_date(ctx: FactContext) -> tuple[date, str]:
+    """When the ordered service happens: occurrence[x], else authoredOn, else the evaluation date."""
+    if ctx.group is not None:
+        when, text = _first_date(
+            ctx.group.primary.resource, "occurrenceDateTime", "occurrencePeriod.start", "authoredOn"
+        )
+        if when is not None:
+            return when, str(text)
+    return ctx.today, ctx.today.isoformat()
+
+
+@derivation("order_reasons", params={"classes": "valuesets", "psychiatric": "valuesets"}, reads=("Condition",))
+def order_reasons(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """The indications stated on the draft orders (reasonCode, reasonReference → Condition.code).
+
+    Item codes = the `classes` value sets the reason is in (for `code_in`); field `psychiatric` is True when
+    the reason is in any of the `psychiatric` value sets. ABSENT when no order states a reason.
+    """
+    items: list[Item] = []
+    if ctx.group is None:
+        return Fact(fact.name, FactState.UNAVAILABLE, ())
+    classes = list(params["classes"].values()) if isinstance(params["classes"], Mapping) else list(params["classes"])
+    psychiatric = (
+        list(params["psychiatric"].values())
+        if isinstance(params["psychiatric"], Mapping)
+        else list(params["psychiatric"])
+    )
+    known = True
+    for order in ctx.group.orders:
+        res = order.resource
+        concepts: list[tuple[dict[str, Any], Resource]] = [
+            (c, res) for c in _list(res.get("reasonCode")) if isinstance(c, Mapping)
+        ]
+        for ref in _list(res.get("reasonReference")):
+            condition = ctx.record.resolve(ref, within=res)
+            if condition is None:
+                known = False
+            elif isinstance(condition.get("code"), Mapping):
+                concepts.append((condition["code"], condition))
+        for concept, holder in concepts:
+            matched = [vs for vs in classes if ctx.match(vs, [concept])]
+            is_psych = bool(matched) or any(ctx.match(vs, [concept]) for vs in psychiatric)
+            first = ctx.match(matched[0], [concept]) if matched else None
+            items.append(
+                Item(
+                    Evidence(
+                        reference_of(holder),
+                        code=first.label() if first else None,
+                        display=format_value(concept),
+                        note="order reason",
+                    ),
+                    date=ctx.today,
+                    fields={"psychiatric": is_psych},
+                    codes=frozenset(matched),
+                )
+            )
+    if items:
+        return Fact(fact.name, FactState.PRESENT, tuple(items), tuple(i.evidence for i in items), "", known)
+    return Fact(
+        fact.name, FactState.ABSENT if known else FactState.UNAVAILABLE, (), (), "no reason on the order", known
+    )
+
+
+@derivation("order_mentions", params={"valuesets": "valuesets"}, reads=())
+def order_mentions(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """Whether the order (or another draft order signed with it) names one of the value sets — by code or,
+    where the value set has text patterns, in its code text, order details, reason, notes or instructions."""
+    if ctx.group is None:
+        return Fact(fact.name, FactState.UNAVAILABLE, ())
+    valuesets = (
+        list(params["valuesets"].values()) if isinstance(params["valuesets"], Mapping) else list(params["valuesets"])
+    )
+    own = {o.ref for o in ctx.group.orders}
+    items: list[Item] = []
+    for order in ctx.group.orders:
+        items.extend(_mentions(ctx, order.resource, valuesets, "this order"))
+    for sibling in ctx.record.draft_orders:
+        if f"{sibling.get('resourceType')}/{sibling.get('id')}" not in own:
+            items.extend(_mentions(ctx, sibling, valuesets, "signed together"))
+    return ctx.make_fact(fact.name, items, ())
+
+
+def _mentions(ctx: FactContext, resource: Resource, valuesets: list[str], how: str) -> list[Item]:
+    concepts: list[dict[str, Any]] = []
+    for key in ("code", "medicationCodeableConcept"):
+        if isinstance(resource.get(key), Mapping):
+            concepts.append(resource[key])
+    for key in ("orderDetail", "reasonCode"):
+        concepts.extend(c for c in _list(resource.get(key)) if isinstance(c, Mapping))
+    texts = [n.get("text") for n in _list(resource.get("note")) if isinstance(n, Mapping)]
+    texts.append(resource.get("patientInstruction"))
+    concepts.extend({"text": t} for t in texts if isinstance(t, str) and t)
+    for vs in valuesets:
+        match = ctx.match(vs, concepts)
+        if match is not None:
+            return [
+                Item(
+                    Evidence(reference_of(resource), code=match.label(), display=match.display, note=how),
+                    date=ctx.today,
+                )
+            ]
+    return []
+
+
+@derivation(
+    "integration_timing",
+    params={"kap_sessions": "fact", "sessions": "fact", "course_gap_days": "int"},
+    reads=("Procedure", "MedicationAdministration"),
+)
+def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """Where this integration session falls relative to the KAP session(s) and earlier integration sessions.
+
+    One item (evidence: the latest KAP session before the session date) with fields:
+    days_after_kap (session date − latest KAP session), sessions_in_course (integration sessions already on
+    record since the start of the current KAP course), first_session_days_after_kap (of an earlier session
+    after the latest KAP session; None if this is the first), same_day_session (another integration session
+    already on the session date), justification (the order carries a note). ABSENT without a KAP session.
+    """
+    session_date, session_text = _order_date(ctx)
+    kap = sorted(
+        (
+            i
+            for i in ctx.fact(params["kap_sessions"]).value or ()
+            if isinstance(i, Item) and i.date and i.date <= session_date
+        ),
+        key=lambda i: i.date or date.min,
+    )
+    if not kap:
+        kap_fact = ctx.fact(params["kap_sessions"])
+        return Fact(
+            fact.name,
+            FactState.ABSENT if kap_fact.complete else FactState.UNAVAILABLE,
+            (),
+            (),
+            "no KAP session on record",
+            kap_fact.complete,
+        )
+    latest = kap[-1]
+    course_start = latest.date
+    for item in reversed(kap[:-1]):
+        if course_start and item.date and (course_start - item.date).days <= params["course_gap_days"]:
+            course_start = item.date
+        else:
+            break
+    own_ids = {o.ref for o in ctx.group.orders} if ctx.group else set()
+    earlier = [
+        s
+        for s in ctx.fact(params["sessions"]).value or ()
+        if isinstance(s, Item)
+        and s.date
+        and course_start
+        and s.date >= course_start
+        and s.evidence.reference not in own_ids
+    ]
+    after_latest = sorted(
+        (s for s in earlier if latest.date and s.date and s.date >= latest.date), key=lambda s: s.date or date.min
+    )
+    assert latest.date is not None
+    first_after = (after_latest[0].date - latest.date).days if after_latest and after_latest[0].date else None
+    same_day = [s for s in earlier if s.date == session_date]
+    order = ctx.group.primary.resource if ctx.group else {}
+    justification = any(isinstance(n, Mapping) and n.get("text") for n in _list(order.get("note")))
+    prior = "; ".join(
+        f"{s.evidence.reference} on {s.evidence.date}" for s in sorted(earlier, key=lambda s: s.date or date.min)
+    )
+    item = Item(
+        Evidence(
+            latest.evidence.reference,
+            date=latest.evidence.date,
+            code=latest.evidence.code,
+            display=f"KAP session {latest.date.isoformat()}; this session {session_date.isoformat()}",
+            value=f"{(session_date - latest.date).days} days after the KAP session",
+            note=f"integration sessions already on record since {course_start}: {prior or 'none'}"
+            if course_start
+            else None,
+        ),
+        date=session_date,
+        fields={
+            "days_after_kap": (session_date - latest.date).days,
+            "sessions_in_course": len(earlier),
+            "first_session_days_after_kap": first_after,
+            "same_day_session": bool(same_day),
+            "justification": justification,
+        },
+    )
+    extra = tuple(s.evidence for s in earlier)
+    return Fact(fact.name, FactState.PRESENT, (item,), (item.evidence, *extra), session_text)
+
+
+def _organisations_of_order(ctx: FactContext) -> tuple[list[Resource], bool]:
+    """Organizations and Locations where the ordered service happens (performer, its role's organization,
+    locationReference, encounter service provider / location) and whether every reference resolved."""
+    found: list[Resource] = []
+    resolved = True
+    if ctx.group is None:
+        return found, False
+
+    def take(ref: Any, within: Resource | None) -> None:
+        nonlocal resolved
+        if not isinstance(ref, Mapping):
+            return
+        target = ctx.record.resolve(ref, within=within)
+        if target is None:
+            resolved = False
+            return
+        rtype = target.get("resourceType")
+        if rtype in ("Organization", "Location"):
+            found.append(target)
+            if rtype == "Location":
+                take(target.get("managingOrganization"), target)
+        elif rtype == "PractitionerRole":
+            take(target.get("organization"), target)
+            for loc in _list(target.get("location")):
+                take(loc, target)
+        elif rtype == "Encounter":
+            take(target.get("serviceProvider"), target)
+            for loc in _list(target.get("location")):
+                take(loc.get("location") if isinstance(loc, Mapping) else None, target)
+
+    for order in ctx.group.orders:
+        res = order.resource
+        for key in ("performer", "locationReference"):
+            for ref in _list(res.get(key)):
+                take(ref, res)
+        take(res.get("encounter"), res)
+    unique = {reference_of(r): r for r in found}
+    return list(unique.values()), resolved
+
+
+@derivation("clinic_credentialing", params={"clinics": "valueset"}, reads=())
+def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """Whether the Organization/Location performing the service is on the site's credentialed-clinic list
+    (identifiers system|value). Field `credentialed` is None when the site has configured no list."""
+    places, resolved = _organisations_of_order(ctx)
+    configured = len(ctx.registry.get(params["clinics"])) > 0
+    items: list[Item] = []
+    for place in places:
+        match = None
+        for ident in _list(place.get("identifier")):
+            if isinstance(ident, Mapping) and ident.get("system") and ident.get("value"):
+                match = ctx.match(
+                    params["clinics"], [{"coding": [{"system": ident["system"], "code": ident["value"]}]}]
+                )
+                if match:
+                    break
+        credentialed = True if match else (False if configured else None)
+        items.append(
+            Item(
+                Evidence(
+                    reference_of(place),
+                    display=place.get("name"),
+                    code=match.label() if match else None,
+                    note="credentialed clinic"
+                    if match
+                    else ("not on the credentialed list" if configured else "no credentialed-clinic list configured"),
+                ),
+                date=ctx.today,
+                fields={"credentialed": credentialed},
+            )
+        )
+    if items:
+        return Fact(fact.name, FactState.PRESENT, tuple(items), tuple(i.evidence for i in items), "", resolved)
+    return Fact(fact.name, FactState.UNAVAILABLE, (), (), "no clinic identified on the order", False)
+
+
+@derivation("clinic_roles", params={"roles": "map", "kap_sessions": "fact"}, reads=())
+def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """Qualified clinicians at the clinic: PractitionerRoles of the performing organization in the record,
+    and the performers of the latest KAP session (who monitored the member)."""
+    places, _ = _organisations_of_order(ctx)
+    org_refs = {reference_of(p) for p in places}
+    refs: list[tuple[Any, Resource | None, str]] = []
+    for role in ctx.record.of_type("PractitionerRole"):
+        org = (role.get("organization") or {}).get("reference")
+        if isinstance(org, str) and "/".join(org.split("/")[-2:]) in org_refs:
+            refs.append(({"reference": reference_of(role)}, None, "clinic staff"))
+    kap = [i for i in ctx.fact(params["kap_sessions"]).value or () if isinstance(i, Item) and i.date]
+    if kap:
+        latest = max(kap, key=lambda i: i.date or date.min)
+        session = ctx.record.get(latest.evidence.reference)
+        for performer in _list((session or {}).get("performer")):
+            actor = performer.get("actor") if isinstance(performer, Mapping) else None
+            if isinstance(actor, Mapping):
+                refs.append((actor, session, "KAP session monitor"))
+    items, known = _role_items(ctx, refs, params["roles"])
+    return _people_fact(fact.name, items, known and bool(refs))
+
+
+@derivation("performer_training", params={"training": "valueset"}, reads=())
+def performer_training(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """KAP / psychedelic-assisted therapy training of the practitioner performing the order: a
+    Practitioner.qualification whose code is in `training` (code or text)."""
+    if ctx.group is None:
+        return Fact(fact.name, FactState.UNAVAILABLE, ())
+    items: list[Item] = []
+    known = False
+    for order in ctx.group.orders:
+        for ref in _list(order.resource.get("performer")):
+            target = ctx.record.resolve(ref, within=order.resource)
+            if target is not None and target.get("resourceType") == "PractitionerRole":
+                target = ctx.record.resolve(target.get("practitioner"), within=target)
+            if target is None or target.get("resourceType") != "Practitioner":
+                continue
+            known = True
+            for qualification in _list(target.get("qualification")):
+                code = qualification.get("code") if isinstance(qualification, Mapping) else None
+                match = ctx.match(params["training"], [code]) if isinstance(code, Mapping) else None
+                if match is not None:
+                    items.append(
+                        Item(
+                            Evidence(
+                                reference_of(target),
+                                code=match.label(),
+                                display=format_value(code),
+                                note="qualification",
+                            ),
+                            date=ctx.today,
+                        )
+                    )
+    if items:
+        return Fact(fact.name, FactState.PRESENT, tuple(items), tuple(i.evidence for i in items), "", True)
+    return Fact(
+        fact.name,
+        FactState.ABSENT if known else FactState.UNAVAILABLE,
+        (),
+        (),
+        "" if known else "performer not identified",
+        known,
+    )
+
+
+@derivation(
+    "evaluations_mentioning", params={"codes": "valueset", "mentions": "valuesets"}, reads=("Procedure", "Encounter")
+)
+def evaluations_mentioning(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """Completed evaluations (Procedure.code / Encounter.type in `codes`) whose reason, notes or code text
+    name one of the `mentions` value sets — e.g. a 90791 consultation "for ketamine-assisted psychotherapy"."""
+    mentions = (
+        list(params["mentions"].values()) if isinstance(params["mentions"], Mapping) else list(params["mentions"])
+    )
+    items: list[Item] = []
+    candidates = [
+        (p, [p.get("code")], ("performedDateTime", "performedPeriod.start"))
+        for p in ctx.record.of_type("Procedure")
+        if _status(p) == "completed"
+    ]
+    candidates += [
+        (e, _list(e.get("type")), ("period.start",))
+        for e in ctx.record.of_type("Encounter")
+        if _status(e) in ("finished", "in-progress")
+    ]
+    for resource, concepts, date_paths in candidates:
+        match = ctx.match(params["codes"], [c for c in concepts if isinstance(c, Mapping)])
+        if match is None or not _mentions(ctx, resource, mentions, "evaluation"):
+            continue
+        when, text = _first_date(resource, *date_paths)
+        items.append(
+            ctx.item_for(resource, match, when=when, date_text=text, note="mentions ketamine-assisted psychotherapy")
+        )
+    return ctx.make_fact(fact.name, items, fact.reads)

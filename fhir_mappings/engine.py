@@ -204,8 +204,9 @@ def _headline(outcome: Outcome, results: list[CriterionResult]) -> str:
 
 def evaluate_policy(
     policy: Policy, record: PatientRecord, group: OrderGroup, *, coverage_ref: str | None, version: str
-) -> Decision:
-    """The decision for one order group under one policy (scope, phase, criteria, notes)."""
+) -> Decision | None:
+    """The decision for one order group under one policy (scope, phase, criteria, notes); None when a
+    silent scope rule says the order is not what the policy is about."""
     ctx = FactContext(policy.library, record, group)
     base = dict(
         order_refs=group.refs,
@@ -216,10 +217,21 @@ def evaluate_policy(
         mapping_version=version,
     )
     for scope in policy.scope:
-        if scope.when.evaluate(ctx).value is True:
-            return Decision(
-                outcome=scope.outcome, headline=scope.message, notes=(scope.quote,) if scope.quote else (), **base
-            )
+        verdict = scope.when.evaluate(ctx)
+        if verdict.value is not True:
+            continue
+        if scope.silent:
+            return None
+        why = CriterionResult(
+            id=scope.id,
+            kind=CriterionKind.REQUIREMENT,
+            title=scope.title,
+            quote=scope.quote,
+            status=Status.NOT_MET,
+            evidence=_unique(verdict.evidence),
+            explanation=scope.message,
+        )
+        return Decision(outcome=scope.outcome, headline=scope.message, criteria=(why,), facts=ctx.computed(), **base)
     phase, phase_note = choose_phase(policy, ctx)
     results = [evaluate_criterion(policy, c, ctx) for c in policy.criteria if phase.id in c.phases]
     outcome = outcome_of(results)
@@ -229,9 +241,11 @@ def evaluate_policy(
         if fact.state is FactState.PRESENT and isinstance(fact.value, tuple):
             notes.extend(str(n) for n in fact.value)
     obligations = policy.obligations if outcome in (Outcome.LIKELY_AUTHORIZED, Outcome.DOCUMENTATION_NEEDED) else ()
+    phase_id = phase.id if len(policy.phases) > 1 else None
     return Decision(
         outcome=outcome,
-        phase=phase.id if len(policy.phases) > 1 else None,
+        phase=phase_id if policy.phase_name == "phase" else None,
+        service=phase_id if policy.phase_name == "service" else None,
         criteria=tuple(results),
         headline=_headline(outcome, results),
         notes=tuple(notes),

@@ -209,12 +209,15 @@ class Mappings:
                 if policy
                 else None
             )
+            if policy and fallback is None:
+                return None  # the fallback policy says this order is not what it is about
             return Decision(
                 outcome=Outcome.PLAN_VARIATION,
                 order_refs=group.refs,
                 order_label=group.label,
                 policy=policy.ref if policy else None,
                 phase=fallback.phase if fallback else None,
+                service=fallback.service if fallback else None,
                 criteria=fallback.criteria if fallback else (),
                 coverage_ref=route.coverage_ref,
                 headline=variation.message,

@@ -114,6 +114,7 @@ class Decision:
     order_label: str  # human-friendly: "IV ketamine infusion (MedicationRequest/abc)"
     policy: PolicyRef | None = None
     phase: str | None = None  # "initial" | "reauthorization" (policies with phases), else None
+    service: str | None = None  # which covered service (MP-054: "eligibility-consultation" | "integration-therapy")
     criteria: tuple[CriterionResult, ...] = ()
     coverage_ref: str | None = None  # "Coverage/123" the decision assumed, when one was identified
     headline: str = ""  # one sentence on why (names the failing requirement / exclusion / program)
@@ -148,6 +149,8 @@ class Decision:
         }
         if self.phase:
             ext["phase"] = self.phase
+        if self.service:
+            ext["service"] = self.service
         if self.program:
             ext["program"] = self.program
         if self.mapping_version:

@@ -66,12 +66,17 @@ class Criterion:
 
 @dataclass(frozen=True)
 class ScopeRule:
-    """Checked before the criteria: e.g. a non-IV ketamine order is outside an IV-only policy."""
+    """Checked before the criteria, first match wins: e.g. a non-IV ketamine order is outside an IV-only
+    policy, or a fourth integration session is beyond the benefit. `silent` rules end the evaluation
+    without a card (the order is not what the policy is about, e.g. psychotherapy unrelated to KAP)."""
 
+    id: str
+    title: str
     when: Rule
     outcome: Outcome
     message: str
     quote: str
+    silent: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Policy:
     obligations: tuple[str, ...]  # documentation the policy requires after a covered service
     links: tuple[tuple[str, str], ...]
     source_file: str
+    phase_name: str = "phase"  # "phase" (initial / reauthorization) or "service" (which covered service)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -109,6 +115,7 @@ class Policy:
 
 _TOP_KEYS = {
     "policy",
+    "phase_name",
     "thresholds",
     "facts",
     "scope",
@@ -195,12 +202,23 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
     scope = []
     for i, item in enumerate(doc.get("scope") or []):
         where = f"{name} scope[{i}]"
-        _keys(item, {"when", "outcome", "message", "quote"}, where, {"when", "outcome", "message"})
+        _keys(
+            item,
+            {"id", "title", "when", "outcome", "message", "quote", "card"},
+            where,
+            {"id", "title", "when", "outcome", "message"},
+        )
         compiled = rule(item["when"], f"{where}.when")
         assert compiled is not None
         scope.append(
             ScopeRule(
-                compiled, Outcome(item["outcome"]), _text(item, "message", where), _text(item, "quote", where, False)
+                id=str(item["id"]),
+                title=_text(item, "title", where),
+                when=compiled,
+                outcome=Outcome(item["outcome"]),
+                message=_text(item, "message", where),
+                quote=_text(item, "quote", where, False),
+                silent=item.get("card", True) is False,
             )
         )
     phases = []
@@ -216,6 +234,8 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
                 when=rule(item.get("when"), f"{where}.when"),
             )
         )
+    if doc.get("phase_name", "phase") not in ("phase", "service"):
+        raise PolicyError(f"{name} phase_name: 'phase' or 'service'")
     if sum(1 for p in phases if p.when is None) != 1:
         raise PolicyError(f"{name} phases: exactly one phase must have no 'when' (the default)")
     phase_ids = {p.id for p in phases}
@@ -298,6 +318,7 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
         obligations=tuple(" ".join(str(o).split()) for o in doc.get("obligations") or ()),
         links=tuple(links),
         source_file=str(meta.get("source_file", "")),
+        phase_name=str(doc.get("phase_name", "phase")),
     )
 
 
