@@ -6,8 +6,10 @@ criteria that differ, so an informaticist can read the test like the policy.
 Case file keys: description, base (default base.json), now (ISO date, default the base's anchor_date),
 set [{ref, path, value}] (dotted path; null deletes), remove [Type/id or Type/id-prefix*], add [resources]
 (replace when Type/id exists), draft_orders (replaces the orders), order_set [{path, value}] (patch the
-first draft order), unavailable [resource types not read], expect {outcome, phase, criteria {id: status},
-notes_contain [text]}.
+first draft order), add_orders [resources] (appended to the draft orders after order_set, e.g. an oral
+antidepressant signed together with the ketamine), unavailable [resource types not read], expect {outcome,
+phase, criteria {id: status}, case_by_case [criterion ids the decision must flag for individual case review],
+notes_contain [text], notes_exclude [text no note may contain]}.
 """
 
 from __future__ import annotations
@@ -21,10 +23,23 @@ from typing import Any
 import pytest
 
 from fhir_mappings.engine import evaluate_policy
-from fhir_mappings.mappings import load_engine
+from fhir_mappings.mappings import Mappings, SiteConfig, load_engine
 from fhir_mappings.record import Availability, PatientRecord, QueryOutcome
 
 HERE = Path(__file__).parent
+_SITE_ENGINES: dict[Path, Mappings] = {}
+
+
+def engine_for(cases_dir: Path) -> Mappings:
+    """The shipped mappings, plus the folder's `site.yaml` (e.g. credentialed clinics) when it has one."""
+    site = cases_dir / "site.yaml"
+    if not site.is_file():
+        return load_engine()
+    if site not in _SITE_ENGINES:
+        _SITE_ENGINES[site] = Mappings.load(SiteConfig.from_file(site))
+    return _SITE_ENGINES[site]
+
+
 CASES = sorted(p for d in HERE.glob("*.cases") for p in d.glob("*.json") if p.name != "base.json")
 
 
@@ -63,8 +78,9 @@ def build_case(path: Path) -> tuple[dict[str, Any], PatientRecord, str]:
     orders = copy.deepcopy(case.get("draft_orders", base["draft_orders"]))
     for change in case.get("order_set", []):
         _set_path(orders[0], change["path"], change["value"])
+    orders.extend(copy.deepcopy(case.get("add_orders", [])))
     now = datetime.fromisoformat(case.get("now", base["anchor_date"]) + "T17:00:00+00:00")
-    engine = load_engine()
+    engine = engine_for(path.parent)
     unavailable = set(case.get("unavailable", []))
     queries = {
         t: QueryOutcome(t, (t,), Availability.UNAVAILABLE if t in unavailable else Availability.READ, "prefetch")
@@ -86,7 +102,7 @@ def build_case(path: Path) -> tuple[dict[str, Any], PatientRecord, str]:
 @pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name.removesuffix('.cases')}/{p.stem}" for p in CASES])
 def test_policy_case(path: Path) -> None:
     case, record, policy_id = build_case(path)
-    engine = load_engine()
+    engine = engine_for(path.parent)
     groups = engine.classifier.classify(record.draft_orders)
     assert groups, f"{path.name}: no ketamine-related draft order"
     decision = evaluate_policy(
@@ -105,9 +121,16 @@ def test_policy_case(path: Path) -> None:
         elif statuses[cid] != status:
             result = next(c for c in decision.criteria if c.id == cid)
             problems.append(f"{cid}: {statuses[cid]} != expected {status} — {result.explanation or result.missing}")
+    for cid in expect.get("case_by_case", []):
+        result = next((c for c in decision.criteria if c.id == cid), None)
+        if result is None or not result.case_by_case:
+            problems.append(f"{cid}: not flagged for case-by-case review")
     for text in expect.get("notes_contain", []):
         if not any(text in note for note in decision.notes):
             problems.append(f"no note containing {text!r} in {decision.notes}")
+    for text in expect.get("notes_exclude", []):
+        if any(text in note for note in decision.notes):
+            problems.append(f"a note contains {text!r}: {decision.notes}")
     assert not problems, f"{case['description']}\n  " + "\n  ".join(problems)
 
 
