@@ -9,7 +9,8 @@ set [{ref, path, value}] (dotted path; null deletes), remove [Type/id or Type/id
 first draft order), add_orders [resources] (appended to the draft orders after order_set, e.g. an oral
 antidepressant signed together with the ketamine), unavailable [resource types not read], expect {outcome,
 phase, criteria {id: status}, case_by_case [criterion ids the decision must flag for individual case review],
-notes_contain [text], notes_exclude [text no note may contain]}.
+notes_contain [text], notes_exclude [text no note may contain]}. Outcome "none" expects the policy to
+stay silent (a silent scope rule: no decision at all).
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def test_policy_case(path: Path) -> None:
         engine.policies[policy_id], record, groups[0], coverage_ref="Coverage/case", version="test"
     )
     expect = case["expect"]
+    if expect["outcome"] == "none" or decision is None:
+        assert (decision is None) == (expect["outcome"] == "none"), (
+            f"{case['description']}\n  outcome {decision.outcome.value if decision else 'none (silent)'} "
+            f"!= expected {expect['outcome']}"
+        )
+        return
     statuses = {c.id: c.status.value for c in decision.criteria}
     problems = []
     if decision.outcome.value != expect["outcome"]:
