@@ -26,7 +26,6 @@ from cards.text import (
     payer_of,
     policy_long,
     policy_short,
-    sentences,
     service_name,
     stable_uuid,
 )
@@ -154,40 +153,36 @@ def _adverse(c: CriterionResult) -> bool:
     )
 
 
-def _join(*parts: str) -> str:
-    return " ".join(p.strip() for p in parts if p and p.strip())
-
-
 def _row(c: CriterionResult, cap: int) -> str:
+    """One table row. Evidence: what the record showed (items, clearance, the engine's reading of them);
+    what is needed: the exact ask for an unknown, or what would change an adverse result when known."""
     marker, word = _status_word(c)
-    evidence = evidence_list(c.evidence, cap)
+    shown = [evidence_list(c.evidence, cap)] if c.evidence else []
     if c.cleared_by:
-        evidence = _join(evidence + ";" if evidence else "", "cleared by " + evidence_list(c.cleared_by, cap))
+        shown.append("cleared by " + evidence_list(c.cleared_by, cap))
+    if c.explanation and (c.status is Status.UNKNOWN or _adverse(c) or not shown):
+        shown.append(c.explanation)
     needed = ""
     if c.status is Status.UNKNOWN:
         needed = c.missing or "Document whether this applies."
-        evidence = _join(evidence + ";" if evidence and c.explanation else evidence, c.explanation)
     elif _adverse(c):
-        needed = sentences(c.explanation, c.missing)
-    elif not evidence:
-        evidence = c.explanation
+        needed = c.missing
     title = ("Exclusion: " if c.kind is CriterionKind.EXCLUSION else "") + c.title
-    cells = [marker, title, word, evidence or "—", needed]
+    cells = [marker, title, word, "; ".join(one_line(x) for x in shown) or "—", needed]
     return "| " + " | ".join(md_cell(x) for x in cells) + " |"
 
 
 def _phase_line(decision: Decision) -> str:
-    if decision.phase:
-        phase = one_line(decision.phase)
-        name = phase if "auth" in phase.lower() else f"{phase} authorization"
-        name = name[0].upper() + name[1:]
-    elif decision.authorization_days:
-        name = "Authorization"
-    else:
+    """ "**Initial authorization:** 28 days"; a phase without a length (MP-054's services) is named only."""
+    phase = one_line((decision.phase or "").replace("-", " "))
+    if phase.lower() == "initial":
+        phase = "initial authorization"
+    name = (phase[:1].upper() + phase[1:]) if phase else ("Authorization" if decision.authorization_days else "")
+    if not name:
         return ""
     if decision.authorization_days:
         return f"**{md_text(name)}:** {decision.authorization_days} days"
-    return f"**Phase:** {md_text(name)}"
+    return f"**Evaluated as:** {md_text(name)}"
 
 
 def _criteria_block(decision: Decision, level: int) -> list[str]:

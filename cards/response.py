@@ -31,6 +31,7 @@ def build_response(
     preserves the decisions' order. Card uuids do not depend on the configuration.
     """
     settings = settings_from(configuration)
+    decisions = [d for d in decisions if d is not None]  # evaluate_policy may return None: nothing to say
     cards: list[dict[str, Any]] = []
     used: set[str] = set()
     for decision in decisions:

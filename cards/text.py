@@ -94,7 +94,11 @@ def policy_short(policy: PolicyRef) -> str:
     explicit = getattr(policy, "short_name", None)
     if isinstance(explicit, str) and explicit.strip():
         return one_line(explicit)
-    number = re.sub(r"^Medical\s+Policy\b", "Policy", one_line(policy.number))
+    number = one_line(policy.number)
+    match = re.match(r"^Medical\s+Policy\s+(.+)$", number)
+    if match:  # "Medical Policy 031" -> "Policy 031"; "Medical Policy MP-054" -> "MP-054"
+        rest = match.group(1)
+        number = rest if rest[:1].isalpha() else f"Policy {rest}"
     return f"{payer_short(policy.payer)} {number}".strip()
 
 
@@ -128,18 +132,6 @@ def evidence_list(items: Iterable[Evidence], cap: int) -> str:
     if len(items) > cap:
         shown.append(f"+{len(items) - cap} more")
     return "; ".join(shown)
-
-
-def sentences(*parts: str) -> str:
-    """Join fragments as sentences: "Only 3 trials" + "A fourth…" -> "Only 3 trials. A fourth…"."""
-    out = ""
-    for part in (one_line(p) for p in parts):
-        if not part:
-            continue
-        if out and out[-1] not in ".!?:;":
-            out += "."
-        out = f"{out} {part}" if out else part
-    return out
 
 
 def md_cell(text: str) -> str:

@@ -189,11 +189,32 @@ def test_detail_shows_exclusion_evidence_cleared_and_holding() -> None:
     assert "| Cleared | Condition/avm1 (ICD-10-CM Q28.2, 2020-02-02); cleared by DocumentReference/clear1" in detail
     blocked = only_card(fx.blocked())["detail"]
     assert "| ✗ | Exclusion: Uncontrolled hypertension" in blocked
-    assert "| Exclusion applies | Observation/bp1 (LOINC 85354-9, 2026-01-10, 172/95 mm[Hg]) |" in blocked
-    assert "Document cardiology clearance for IV ketamine." in blocked
+    assert "| Exclusion applies | Observation/bp1 (LOINC 85354-9, 2026-01-10, 172/95 mm[Hg]);" in blocked
+    assert "172/95 mm[Hg]); present, no cardiology clearance on record | Document cardiology clearance" in blocked
     not_met = only_card(fx.criteria_not_met())["detail"]
     assert "| Not met |" in not_met
-    assert "Only 3 trials in the current episode. A fourth adequate trial would meet it." in not_met
+    assert "84 % of days covered); Only 3 trials in the current episode | A fourth adequate trial would meet it. |" in (
+        not_met
+    )
+
+
+@pytest.mark.parametrize(
+    ("phase", "days", "line"),
+    [
+        ("initial", 28, "**Initial authorization:** 28 days"),
+        ("reauthorization", 365, "**Reauthorization:** 365 days"),
+        ("integration-therapy", None, "**Evaluated as:** Integration therapy"),
+        (None, 90, "**Authorization:** 90 days"),
+    ],
+)
+def test_phase_and_authorization_length(phase: str | None, days: int | None, line: str) -> None:
+    detail = only_card(fx.likely_authorized(phase=phase, authorization_days=days))["detail"]
+    assert line in detail.splitlines()
+
+
+def test_no_phase_line_without_phase_or_length() -> None:
+    detail = only_card(fx.likely_authorized(phase=None, authorization_days=None))["detail"]
+    assert "authorization:**" not in detail.lower() and "Evaluated as" not in detail
 
 
 def test_plan_variation_detail_names_program_and_reference_criteria() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from cards.text import clip, evidence_text, fit, md_cell, md_link, payer_short, policy_short, service_name
@@ -36,6 +38,7 @@ def test_payer_and_policy_short_names() -> None:
     assert payer_short("Aetna") == "Aetna"
     assert policy_short(fx.MGB) == "MGB Policy 031"
     assert policy_short(fx.UUHP) == "U of U MP-054"
+    assert policy_short(replace(fx.UUHP, number="Medical Policy MP-054")) == "U of U MP-054"
 
 
 def test_clip_and_fit() -> None:
