@@ -8,9 +8,11 @@ set [{ref, path, value}] (dotted path; null deletes), remove [Type/id or Type/id
 (replace when Type/id exists), draft_orders (replaces the orders), order_set [{path, value}] (patch the
 first draft order), add_orders [resources] (appended to the draft orders after order_set, e.g. an oral
 antidepressant signed together with the ketamine), unavailable [resource types not read], expect {outcome,
-phase, criteria {id: status}, case_by_case [criterion ids the decision must flag for individual case review],
-notes_contain [text], notes_exclude [text no note may contain]}. Outcome "none" expects the policy to
-stay silent (a silent scope rule: no decision at all).
+phase, service (policies with `phase_name: service`, e.g. MP-054 "integration-therapy"), criteria {id: status},
+case_by_case [criterion ids the decision must flag for individual case review], notes_contain [text],
+notes_exclude [text no note may contain]}. Outcome "none" expects the policy to stay silent (a silent scope
+rule: no decision at all). A scope rule that decides (e.g. not-covered) is reported as a criterion with the
+rule's id and status not-met, so `criteria` can name it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ def test_policy_case(path: Path) -> None:
         problems.append(f"outcome {decision.outcome.value} != expected {expect['outcome']} ({decision.headline})")
     if "phase" in expect and decision.phase != expect["phase"]:
         problems.append(f"phase {decision.phase} != expected {expect['phase']}")
+    if "service" in expect and decision.service != expect["service"]:
+        problems.append(f"service {decision.service} != expected {expect['service']}")
     for cid, status in expect.get("criteria", {}).items():
         if cid not in statuses:
             problems.append(f"criterion {cid} not evaluated (phase {decision.phase})")
