@@ -153,36 +153,51 @@ def _adverse(c: CriterionResult) -> bool:
     )
 
 
-def _row(c: CriterionResult, cap: int) -> str:
+SCOPE_OUTCOMES = (Outcome.NOT_COVERED, Outcome.NOT_APPLICABLE)
+
+
+def _row(c: CriterionResult, cap: int, scope: bool = False) -> str:
     """One table row. Evidence: what the record showed (items, clearance, the engine's reading of them);
-    what is needed: the exact ask for an unknown, or what would change an adverse result when known."""
-    marker, word = _status_word(c)
+    what is needed: the exact ask for an unknown, or what would change an adverse result when known.
+
+    `scope`: the row is the scope rule that decided a not-covered / not-applicable outcome (the engine
+    reports it as a requirement "not met"); it reads "Applies", and its message is already the headline.
+    """
+    marker, word = ("!", "Applies") if scope else _status_word(c)
     shown = [evidence_list(c.evidence, cap)] if c.evidence else []
     if c.cleared_by:
         shown.append("cleared by " + evidence_list(c.cleared_by, cap))
-    if c.explanation and (c.status is Status.UNKNOWN or _adverse(c) or not shown):
+    if c.explanation and not scope and (c.status is Status.UNKNOWN or _adverse(c) or not shown):
         shown.append(c.explanation)
     needed = ""
     if c.status is Status.UNKNOWN:
         needed = c.missing or "Document whether this applies."
     elif _adverse(c):
         needed = c.missing
-    title = ("Exclusion: " if c.kind is CriterionKind.EXCLUSION else "") + c.title
-    cells = [marker, title, word, "; ".join(one_line(x) for x in shown) or "—", needed]
+    prefix = "Scope: " if scope else "Exclusion: " if c.kind is CriterionKind.EXCLUSION else ""
+    cells = [marker, prefix + c.title, word, "; ".join(one_line(x) for x in shown) or "—", needed]
     return "| " + " | ".join(md_cell(x) for x in cells) + " |"
 
 
+def _human(code: str) -> str:
+    """ "integration-therapy" -> "Integration therapy"."""
+    text = one_line(code.replace("-", " "))
+    return text[:1].upper() + text[1:]
+
+
 def _phase_line(decision: Decision) -> str:
-    """ "**Initial authorization:** 28 days"; a phase without a length (MP-054's services) is named only."""
-    phase = one_line((decision.phase or "").replace("-", " "))
-    if phase.lower() == "initial":
-        phase = "initial authorization"
-    name = (phase[:1].upper() + phase[1:]) if phase else ("Authorization" if decision.authorization_days else "")
-    if not name:
-        return ""
-    if decision.authorization_days:
-        return f"**{md_text(name)}:** {decision.authorization_days} days"
-    return f"**Evaluated as:** {md_text(name)}"
+    """ "**Initial authorization:** 28 days"; MP-054's covered service is named ("**Covered service:** …")."""
+    service = getattr(decision, "service", None)
+    phase = "initial authorization" if decision.phase == "initial" else (decision.phase or "")
+    name = _human(phase) if phase else ("Authorization" if decision.authorization_days else "")
+    lines = []
+    if isinstance(service, str) and service:
+        lines.append(f"**Covered service:** {md_text(_human(service))}")
+    if name and decision.authorization_days:
+        lines.append(f"**{md_text(name)}:** {decision.authorization_days} days")
+    elif name:
+        lines.append(f"**Evaluated as:** {md_text(name)}")
+    return "\n\n".join(lines)
 
 
 def _criteria_block(decision: Decision, level: int) -> list[str]:
@@ -207,7 +222,8 @@ def _criteria_block(decision: Decision, level: int) -> list[str]:
     lines: list[str] = []
     if rows:
         lines += ["| | Criterion | Status | Evidence | What is needed |", "|---|---|---|---|---|"]
-        lines += [_row(c, cap) for c in rows]
+        scope = decision.outcome in SCOPE_OUTCOMES
+        lines += [_row(c, cap, scope) for c in rows]
         lines.append("")
     met_compact = [c for c in requirements if compact(c)]
     if met_compact:

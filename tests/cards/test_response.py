@@ -212,6 +212,30 @@ def test_phase_and_authorization_length(phase: str | None, days: int | None, lin
     assert line in detail.splitlines()
 
 
+def test_covered_service_is_named() -> None:
+    decision = fx.likely_authorized(policy=fx.UUHP, phase=None, service="integration-therapy", authorization_days=None)
+    lines = only_card(decision)["detail"].splitlines()
+    assert "**Covered service:** Integration therapy" in lines
+    assert not any(line.startswith("**Evaluated as") for line in lines)
+
+
+def test_scope_rule_row_reads_applies() -> None:
+    scope = CriterionResult(
+        "ketamine-for-kap-not-covered",
+        fx.REQ,
+        "Ketamine administration for KAP",
+        "q",
+        Status.NOT_MET,
+        evidence=(fx.ev("MedicationRequest/mr-kap", code="RxNorm 6130"),),
+        explanation="Ketamine administration for KAP is investigational and not covered under MP-054.",
+    )
+    detail = only_card(fx.not_covered(criteria=(scope,)))["detail"]
+    assert (
+        "| ! | Scope: Ketamine administration for KAP | Applies | MedicationRequest/mr-kap (RxNorm 6130) |  |" in detail
+    )
+    assert "Not met" not in detail
+
+
 def test_no_phase_line_without_phase_or_length() -> None:
     detail = only_card(fx.likely_authorized(phase=None, authorization_days=None))["detail"]
     assert "authorization:**" not in detail.lower() and "Evaluated as" not in detail
