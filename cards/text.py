@@ -119,8 +119,12 @@ def payer_of(decision: Decision) -> str | None:
 
 
 def evidence_text(item: Evidence) -> str:
-    """`Condition/123 (ICD-10-CM F33.2, 2025-01-10, 18, note)`: the reference, then what it showed."""
-    parts = [item.code or item.display, item.date[:10] if item.date else None, item.value, item.note]
+    """`Condition/123 (ICD-10-CM F33.2, 2025-01-10, 18, note)`: the reference, then what it showed.
+
+    A Patient's display is never shown: it may be the patient's name.
+    """
+    display = None if item.reference.startswith(("Patient/", "RelatedPerson/")) else item.display  # never a name
+    parts = [item.code or display, item.date[:10] if item.date else None, item.value, item.note]
     details = ", ".join(one_line(p) for p in parts if p)
     return f"{item.reference} ({details})" if details else item.reference
 

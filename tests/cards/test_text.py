@@ -65,5 +65,10 @@ def test_evidence_text() -> None:
     assert evidence_text(Evidence("Observation/2", value="172/95 mm[Hg]", note="latest")) == (
         "Observation/2 (172/95 mm[Hg], latest)"
     )
-    assert evidence_text(Evidence("Patient/p", display="shown when no code")) == "Patient/p (shown when no code)"
+    assert evidence_text(Evidence("Location/l", display="shown when no code")) == "Location/l (shown when no code)"
     assert evidence_text(Evidence("Patient/p")) == "Patient/p"
+
+
+def test_patient_display_never_shown() -> None:
+    assert evidence_text(Evidence("Patient/p", display="Jane Doe", value="42")) == "Patient/p (42)"
+    assert evidence_text(Evidence("RelatedPerson/r", display="John Doe")) == "RelatedPerson/r"
