@@ -419,8 +419,13 @@ class _Trial:
 
     @property
     def end(self) -> date | None:
+        """The last day on the drug. A MedicationStatement that documents the stop wins over supply that was
+        dispensed or prescribed but not taken (e.g. a refill collected just before stopping)."""
         if any(e.ongoing for e in self.exposures):
             return None
+        stated = [e.end for e in self.exposures if e.end and e.resource.get("resourceType") == "MedicationStatement"]
+        if stated:
+            return max(stated)
         ends = [e.end for e in self.exposures if e.end]
         return max(ends) if ends else None
 
@@ -698,10 +703,16 @@ def current_medications(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
         for r in ctx.record.of_type(t)
     ]
     candidates += [(o, True) for o in ctx.record.draft_orders if o.get("resourceType") == "MedicationRequest"]
+    stops = _documented_stops(ctx, classes, today)
     for resource, is_draft in candidates:
         found = _medication_classes(ctx, resource, classes)
         if not found:
             continue
+        if not is_draft and resource.get("resourceType") != "MedicationStatement":
+            issued, _ = _first_date(resource, "whenHandedOver", "authoredOn")
+            stopped = max((stops.get(ingredient) or date.min for _label, ingredient, _m in found), default=date.min)
+            if issued is not None and stopped >= issued:
+                continue  # a MedicationStatement documents that it was stopped after this fill / prescription
         if params.get("route_oral") and not _oral_or_unstated(ctx, resource, params["route_oral"]):
             continue
         current, how = _is_current(
@@ -717,6 +728,20 @@ def current_medications(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
             ctx.item_for(resource, match, when=when, date_text=when_text, fields={"class": label, "how": how}, note=how)
         )
     return ctx.make_fact(fact.name, items, fact.reads)
+
+
+def _documented_stops(ctx: FactContext, classes: Mapping[str, str], today: date) -> dict[str, date]:
+    """Ingredient → the latest date a MedicationStatement says the patient stopped taking it (before today)."""
+    stops: dict[str, date] = {}
+    for statement in ctx.record.of_type("MedicationStatement"):
+        if _status(statement) not in ("completed", "stopped"):
+            continue
+        end, _ = _first_date(statement, "effectivePeriod.end", "dateAsserted")
+        if end is None or end > today:
+            continue
+        for _label, ingredient, _match in _medication_classes(ctx, statement, classes):
+            stops[ingredient] = max(stops.get(ingredient, date.min), end)
+    return stops
 
 
 def _oral_or_unstated(ctx: FactContext, resource: Resource, route_oral_vs: str) -> bool:
@@ -807,6 +832,7 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
         "cgi_improvement": "fact",
         "cgi_improved_max": "number",
         "functional_improvement": "fact",
+        "followup_window_days": "int",
     },
     reads=("MedicationAdministration", "Procedure", "Observation"),
 )
@@ -844,13 +870,16 @@ def ketamine_courses(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
         improved: bool | None = None
         notes: list[str] = []
         pairs = 0
+        # Follow-up belongs to this course: scores after its start and before `followup_window_days` past its
+        # last dose (a relapse years later says nothing about whether this course helped).
+        follow_until = end + timedelta(days=params["followup_window_days"])
         for name, scores in scales.items():
             baseline = [
                 s
                 for s in scores
                 if start - timedelta(days=params["baseline_window_days"]) <= (s.date or start) <= start
             ]
-            follow = [s for s in scores if (s.date or start) > start]
+            follow = [s for s in scores if start < (s.date or start) <= follow_until]
             if not baseline or not follow:
                 continue
             b = max(baseline, key=lambda s: s.date or date.min)
@@ -866,14 +895,14 @@ def ketamine_courses(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
         for item in cgi:
             if (
                 item.date
-                and item.date > start
+                and start < item.date <= follow_until
                 and isinstance(item.get("value"), int | float)
                 and item.get("value") <= params["cgi_improved_max"]
             ):
                 improved = True
                 notes.append(f"CGI-I {item.get('value'):g} on {item.evidence.date}")
         for item in functional:
-            if item.date and item.date > start:
+            if item.date and start < item.date <= follow_until:
                 improved = True
                 notes.append(f"functional improvement documented {item.evidence.date}")
         if improved is None and pairs:
@@ -971,8 +1000,9 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
 
 @derivation(
     "evaluations_by_role",
-    params={"codes": "valueset", "roles": "map"},
+    params={"codes": "valueset", "roles": "map", "candidacy": "valuesets"},
     reads=("Procedure", "Encounter"),
+    optional=("candidacy",),
 )
 def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
     """Completed evaluations (Procedure or Encounter.type in `codes`) with the role of who performed them
@@ -999,13 +1029,18 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
                 known = known and lookup.known
                 roles.update(lookup.labels)
         when, text = _first_date(resource, *date_paths)
+        candidacy_sets = list(params.get("candidacy") or [])
+        candidacy = bool(_mentions(ctx, resource, candidacy_sets, "candidacy")) if candidacy_sets else None
         items.append(
             ctx.item_for(
                 resource,
                 match,
                 when=when,
                 date_text=text,
-                fields={"roles": frozenset(roles) if (roles or (known and actors)) else None},
+                fields={
+                    "roles": frozenset(roles) if (roles or (known and actors)) else None,
+                    "candidacy": candidacy,
+                },
                 note=f"by {', '.join(sorted(roles))}"
                 if roles
                 else ("performer not identified" if not actors else None),

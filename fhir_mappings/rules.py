@@ -3,7 +3,7 @@
 A rule is a small YAML/JSON structure an informaticist can read next to the policy text:
 
     all / any: [rule, ...]            not: rule
-    exists: FACT  [where: COND] [absent: unknown]
+    exists: FACT  [where: COND] [absent: unknown] [after: {fact: FACT, where: COND}]
     count: FACT   [where: COND]  ">=": 4          (also >, <=, <, ==)
     distinct: FACT field: NAME [where: COND] ">=": 2
     latest: FACT  [where: COND]  then: COND [absent: unknown]
@@ -13,7 +13,7 @@ and COND, a condition on one item of a fact (one diagnosis, one score, one treat
 
     all / any: [cond, ...]            not: cond
     field: NAME  (">=" | ">" | "<=" | "<" | "==" | "!=" | in | is | present | contains): VALUE
-    within_days: N   older_than_days: N   (item date relative to the evaluation date)
+    within_days: N   older_than_days: N   [of: FIELD]   (item date — or a date field — vs the evaluation date)
     code_in: VALUESET
 
 Values may name a policy threshold as "@name". Every rule evaluates to True, False or None
@@ -154,11 +154,13 @@ class _FieldCond(Cond):
 class _WithinDays(Cond):
     days: int
     older: bool  # True: older_than_days
+    of: str | None = None  # a date field of the item (e.g. "end") instead of the item's date
 
     def test(self, item: Item, today: date) -> Truth:
-        if item.date is None:
+        when = item.get(self.of) if self.of else item.date
+        if not isinstance(when, date):
             return None
-        age = (today - item.date).days  # negative for future dates, which count as recent
+        age = (today - when).days  # negative for future dates, which count as recent
         return age > self.days if self.older else age <= self.days
 
 
@@ -242,15 +244,35 @@ class _Not(Rule):
 
 
 @dataclass(frozen=True)
+class _After:
+    """Items must be dated on or after the latest dated item of another fact (e.g. a clearance given after
+    the diagnosis it clears). Without such an item the constraint does not apply."""
+
+    fact_name: str
+    where: Cond
+
+    def bound(self, src: FactSource) -> date | None:
+        items, _ = _partition(src.fact(self.fact_name), self.where, src.today)
+        dates = [i.date for i in items if i.date is not None]
+        return max(dates) if dates else None
+
+
+@dataclass(frozen=True)
 class _Exists(Rule):
     fact_name: str
     where: Cond
     absent_unknown: bool
     facts: frozenset[str] = frozenset()
+    after: _After | None = None
 
     def evaluate(self, src: FactSource) -> Verdict:
         fact = src.fact(self.fact_name)
         true_items, unknown_items = _partition(fact, self.where, src.today)
+        if self.after is not None:
+            bound = self.after.bound(src)
+            if bound is not None:
+                true_items = [i for i in true_items if i.date is not None and i.date >= bound]
+                unknown_items = [i for i in unknown_items if i.date is None or i.date >= bound]
         if true_items:
             return Verdict.of(True, true_items)
         if unknown_items or not _complete(fact) or self.absent_unknown:
@@ -389,11 +411,11 @@ def compile_cond(node: Any, ctx: CompileContext, path: str) -> Cond:
         return _FieldCond(str(node["field"]), op, value)
     if "within_days" in node or "older_than_days" in node:
         key = "within_days" if "within_days" in node else "older_than_days"
-        _only_keys(node, {key}, path)
+        _only_keys(node, {key, "of"}, path)
         days = _resolve(node[key], ctx, path)
         if not isinstance(days, int) or days < 0:
             raise RuleError(f"{path}.{key}: must be a non-negative integer")
-        return _WithinDays(days, older=key == "older_than_days")
+        return _WithinDays(days, older=key == "older_than_days", of=node.get("of"))
     if "code_in" in node:
         _only_keys(node, {"code_in"}, path)
         if node["code_in"] not in ctx.known_valuesets:
@@ -432,9 +454,18 @@ def compile_rule(node: Any, ctx: CompileContext, path: str | None = None) -> Rul
         part = compile_rule(node["not"], ctx, f"{path}.not")
         return _Not(part, part.facts)
     if "exists" in node:
-        _only_keys(node, {"exists", "where", "absent"}, path)
+        _only_keys(node, {"exists", "where", "absent", "after"}, path)
         name = _fact_name(node, "exists", ctx, path)
-        return _Exists(name, where, absent_unknown, frozenset({name}))
+        after = None
+        if "after" in node:
+            spec = node["after"]
+            if not isinstance(spec, Mapping) or "fact" not in spec or set(spec) - {"fact", "where"}:
+                raise RuleError(f"{path}.after: needs 'fact' (and optionally 'where')")
+            after_fact = _fact_name(spec, "fact", ctx, f"{path}.after")
+            after_where = compile_cond(spec["where"], ctx, f"{path}.after.where") if "where" in spec else _TrueCond()
+            after = _After(after_fact, after_where)
+        facts = frozenset({name} | ({after.fact_name} if after else set()))
+        return _Exists(name, where, absent_unknown, facts, after)
     if "count" in node or "distinct" in node:
         key = "count" if "count" in node else "distinct"
         allowed = {key, "where", *_OPS} | ({"field"} if key == "distinct" else set())
