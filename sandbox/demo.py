@@ -280,6 +280,8 @@ def pick_showcase(rows: Sequence[RunRow], wanted_ids: Sequence[str] = (), count:
         if len(chosen) == count:
             return chosen
     chosen += [row for row in stories if row not in chosen][: count - len(chosen)]
+    background = [row for row in prefetch_rows if row.scenario.background and row.result.decisions]
+    chosen += background[: count - len(chosen)]  # few stories yet: show what background patients got
     return chosen
 
 

@@ -105,7 +105,7 @@ class StubCdsService:
         return [call for call in self.calls if call["method"] == "POST"]
 
 
-def example_responder(outcome: str = "documentation-needed") -> Responder:
+def example_responder(outcome: str = "criteria-not-met") -> Responder:
     """Answers like the service should for the example scenarios: a decision card per ketamine order only."""
 
     def respond(body: dict[str, Any]) -> tuple[dict[str, Any], int]:

@@ -19,7 +19,7 @@ PREFETCH = {"patient": "Patient/{{context.patientId}}", "conditions": "Condition
 
 if __name__ == "__main__":
     port = int(sys.argv[1])
-    outcome = sys.argv[2] if len(sys.argv) > 2 else "documentation-needed"
+    outcome = sys.argv[2] if len(sys.argv) > 2 else "criteria-not-met"
     if outcome == "crash":
         sys.exit("stub service: refusing to start")
     stub = StubCdsService(PREFETCH, example_responder(outcome))

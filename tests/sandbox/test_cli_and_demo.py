@@ -95,7 +95,7 @@ def test_load_fire_and_check_commands(
         assert main(["sandbox", "fire", "example-ketamine-minimal", *service, *scenarios]) == 0
         out = capsys.readouterr().out
         assert "example-ketamine-minimal [prefetch] HTTP 200" in out
-        assert "decision: mgbhp-031 · documentation-needed · initial · MedicationRequest/ex-km-ketamine" in out
+        assert "decision: mgbhp-031 · criteria-not-met · initial · MedicationRequest/ex-km-ketamine" in out
         assert "matches the expected outcome" in out
         assert stub.hook_calls()[-1]["json"]["prefetch"]["patient"]["id"] == "ex-km-patient"
 
@@ -125,7 +125,7 @@ def test_load_fire_and_check_commands(
 class StubServiceControl:
     """What the demo's service subprocess will answer, and the pids it was started with."""
 
-    outcome: str = "documentation-needed"  # "crash" makes it exit during start-up
+    outcome: str = "criteria-not-met"  # "crash" makes it exit during start-up
     pids: list[int] = field(default_factory=list)
 
 
@@ -167,8 +167,8 @@ def test_demo_runs_end_to_end_and_stops_everything(stub_service: StubServiceCont
     assert "service ready (discovery answered)" in text
     table_rows = [line for line in text.splitlines() if line.startswith("example-")]
     assert len(table_rows) == 4 and all(line.endswith("✓") for line in table_rows)
-    assert any("prefetch" in line and "mgbhp-031 documentation-needed initial" in line for line in table_rows)
-    assert "=== example-ketamine-minimal:" in text and "[INFO] mgbhp-031: documentation-needed" in text
+    assert any("prefetch" in line and "mgbhp-031 criteria-not-met initial" in line for line in table_rows)
+    assert "=== example-ketamine-minimal:" in text and "[INFO] mgbhp-031: criteria-not-met" in text
     assert "latency of the hook call (ms):" in text and "all      n=4" in text
     assert "4/4 expected outcomes matched" in text
     for pid in stub_service.pids:
@@ -190,7 +190,7 @@ def test_demo_reports_mismatches_with_exit_1(
     assert code == 1, text
     assert "FHIR server ready" not in text  # an external FHIR server is used as given
     assert "✗ example-ketamine-minimal [prefetch]" in text
-    assert "expected mgbhp-031 documentation-needed initial, got mgbhp-031 blocked initial" in text
+    assert "expected mgbhp-031 criteria-not-met initial, got mgbhp-031 blocked initial" in text
     assert "2/4 expected outcomes matched" in text
     for pid in stub_service.pids:
         _assert_gone(pid)
@@ -229,8 +229,8 @@ def _row(scenario_id: str, mode: str, outcome: str | None, latency: float) -> Ru
 
 def test_latency_summary_and_showcase() -> None:
     rows = [
-        _row("example-ketamine-minimal", "prefetch", "documentation-needed", 10.0),
-        _row("example-ketamine-minimal", "fallback", "documentation-needed", 30.0),
+        _row("example-ketamine-minimal", "prefetch", "criteria-not-met", 10.0),
+        _row("example-ketamine-minimal", "fallback", "criteria-not-met", 30.0),
         _row("example-non-ketamine", "prefetch", None, 2.0),
         _row("example-non-ketamine", "fallback", None, 4.0),
     ]

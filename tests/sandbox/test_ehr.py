@@ -138,9 +138,9 @@ def test_fire_signs_a_jwt_for_the_exact_hook_url(
         ObservedDecision(
             "MedicationRequest/ex-km-ketamine",
             "mgbhp-031",
-            "documentation-needed",
+            "criteria-not-met",
             "initial",
-            "mgbhp-031: documentation-needed",
+            "mgbhp-031: criteria-not-met",
         )
     ]
     assert check(scenario(), result) == []
@@ -250,31 +250,29 @@ ORDER = "MedicationRequest/ex-km-ketamine"
 
 def test_check_passes_on_exact_match_and_ignores_plain_info_cards() -> None:
     info_card = {"summary": "Esketamine has its own pharmacy policy", "indicator": "info", "source": {"label": "x"}}
-    result = _result([decision_card(ORDER, "mgbhp-031", "documentation-needed", "initial"), info_card])
+    result = _result([decision_card(ORDER, "mgbhp-031", "criteria-not-met", "initial"), info_card])
     assert check(scenario(), result) == []
 
 
 def test_check_reports_wrong_outcome_phase_and_policy() -> None:
     assert check(scenario(), _result([decision_card(ORDER, "mgbhp-031", "likely-authorized", "initial")])) == [
-        f"{ORDER}: expected mgbhp-031 documentation-needed initial, got mgbhp-031 likely-authorized initial"
+        f"{ORDER}: expected mgbhp-031 criteria-not-met initial, got mgbhp-031 likely-authorized initial"
     ]
-    assert check(
-        scenario(), _result([decision_card(ORDER, "mgbhp-031", "documentation-needed", "reauthorization")])
-    ) == [
-        f"{ORDER}: expected mgbhp-031 documentation-needed initial, got mgbhp-031 documentation-needed reauthorization"
+    assert check(scenario(), _result([decision_card(ORDER, "mgbhp-031", "criteria-not-met", "reauthorization")])) == [
+        f"{ORDER}: expected mgbhp-031 criteria-not-met initial, got mgbhp-031 criteria-not-met reauthorization"
     ]
     assert check(scenario(), _result([decision_card(ORDER, "uuhp-mp-054", "not-covered")])) == [
-        f"{ORDER}: expected mgbhp-031 documentation-needed initial, got uuhp-mp-054 not-covered"
+        f"{ORDER}: expected mgbhp-031 criteria-not-met initial, got uuhp-mp-054 not-covered"
     ]
 
 
 def test_check_reports_missing_and_unexpected_decisions() -> None:
     assert check(scenario(), _result([])) == [
-        f"{ORDER}: expected mgbhp-031 documentation-needed initial, got no decision card"
+        f"{ORDER}: expected mgbhp-031 criteria-not-met initial, got no decision card"
     ]
     extra = _result(
         [
-            decision_card(ORDER, "mgbhp-031", "documentation-needed", "initial"),
+            decision_card(ORDER, "mgbhp-031", "criteria-not-met", "initial"),
             decision_card(ORDER, "uuhp-mp-054", "not-covered"),
             decision_card("MedicationRequest/elsewhere", "mgbhp-031", "blocked"),
         ]
@@ -320,7 +318,7 @@ def test_background_scenario_without_expectations_always_passes_unless_http_fail
 
 
 def test_render_cards_shows_everything_a_clinician_and_developer_need() -> None:
-    card = decision_card(ORDER, "mgbhp-031", "documentation-needed", "initial")
+    card = decision_card(ORDER, "mgbhp-031", "criteria-not-met", "initial")
     card.update(
         {
             "indicator": "warning",
@@ -352,7 +350,7 @@ def test_render_cards_shows_everything_a_clinician_and_developer_need() -> None:
 
     assert "1. [WARNING] IV ketamine: prior authorization needs a PHQ-9 from the last 30 days" in text
     assert "source: Mass General Brigham Health Plan <https://example.org/031>" in text
-    assert f"decision: mgbhp-031 · documentation-needed · initial · {ORDER}" in text
+    assert f"decision: mgbhp-031 · criteria-not-met · initial · {ORDER}" in text
     assert "       | | PHQ-9 ≥ 15 | unknown |" in text
     assert "link: Policy 031 <https://example.org/031.pdf> (absolute)" in text
     assert "suggestions (at-most-one):" in text and "- Order a PHQ-9 [recommended]" in text
