@@ -1,0 +1,141 @@
+"""The order-sign pipeline: request → triage → patient record → decisions → cards.
+
+Triage runs before any FHIR access: most order-sign calls are not about ketamine and get
+`{"cards": [], "systemActions": []}` at once. Only for ketamine-related orders is the record gathered
+(prefetch first, the rest from the EHR's FHIR server in parallel) and evaluated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cards import build_response
+from cds_service.auth import Caller, fhir_server_allowed
+from cds_service.errors import Issue, ServiceError
+from cds_service.hook_request import HookRequest, parse_json, validate_orders_fhir, validate_request
+from cds_service.prefetch import FhirAccess, gather_record
+from fhir_mappings.model import Decision
+
+if TYPE_CHECKING:
+    from cds_service.app import ServiceState
+
+log = logging.getLogger("ketamine_cds.hook")
+
+
+@dataclass
+class HookOutcome:
+    """What happened to one call, for the response and the audit trail."""
+
+    kind: str  # "triaged-out" | "evaluated"
+    response: dict[str, Any]
+    hook_instance: str
+    patient_id: str | None = None
+    user_id: str | None = None
+    fhir_server: str | None = None
+    decision_summaries: list[dict[str, Any]] = field(default_factory=list)
+
+
+def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) -> HookOutcome:
+    body = parse_json(raw)
+    req = validate_request(body, lenient=state.config.lenient)
+    groups = state.mappings.triage(req.draft_orders, _known_medications(req))
+    if not groups:
+        return HookOutcome("triaged-out", {"cards": [], "systemActions": []}, req.hook_instance)
+
+    evaluated = [o for g in groups for o in g.orders]
+    validate_orders_fhir([o.resource for o in evaluated], {o.ref: o.index for o in evaluated})
+    now = state.clock()
+    fhir = _fhir_access(state, req, caller)
+    record = gather_record(
+        queries=state.mappings.queries,
+        context=req.context,
+        prefetch=req.prefetch,
+        fhir=fhir,
+        client=state.fhir,
+        now=now,
+        deadline=time.monotonic() + state.config.fetch_budget,
+        draft_orders=req.draft_orders,
+    )
+    decisions = state.mappings.decide(record, groups)
+    response = build_response(
+        decisions,
+        req.draft_orders,
+        hook_instance=req.hook_instance,
+        patient_id=req.patient_id,
+        user_id=req.user_id,
+        today=now.date(),
+        configuration=req.configuration,
+    )
+    return HookOutcome(
+        kind="evaluated",
+        response=response,
+        hook_instance=req.hook_instance,
+        patient_id=req.patient_id,
+        user_id=req.user_id,
+        fhir_server=req.fhir_server,
+        decision_summaries=[_summary(d) for d in decisions],
+    )
+
+
+def _summary(decision: Decision) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "policy": decision.policy.id if decision.policy else None,
+        "outcome": decision.outcome.value,
+        "orders": list(decision.order_refs),
+    }
+    for key in ("phase", "service", "program"):
+        if getattr(decision, key):
+            summary[key] = getattr(decision, key)
+    return summary
+
+
+def _fhir_access(state: ServiceState, req: HookRequest, caller: Caller | None) -> FhirAccess | None:
+    """The EHR's FHIR server, if this caller may make us contact it (no SSRF: registered prefixes only)."""
+    if not req.fhir_server:
+        return None
+    if caller is not None:
+        prefixes = caller.fhir_servers
+    elif state.issuers is not None:
+        prefixes = state.issuers.all_fhir_servers()
+    else:
+        # --insecure-no-auth without a trusted-issuers file: local development against any server the
+        # developer points the client at; paging links must stay on that server.
+        prefixes = (req.fhir_server,)
+        if "open-fhir" not in state.warned:
+            state.warned.add("open-fhir")
+            log.warning("--insecure-no-auth without trusted issuers: fetching from whatever fhirServer a call names")
+    if not fhir_server_allowed(req.fhir_server, prefixes):
+        log.warning("fhirServer refused: not registered for the caller's issuer")
+        if not req.prefetch:
+            raise ServiceError(
+                412,
+                [Issue("fhirServer is not registered for this client and no prefetch was sent", code="forbidden")],
+            )
+        return None
+    allowed = tuple(prefixes)
+    return FhirAccess(req.fhir_server, req.access_token, lambda url: fhir_server_allowed(url, allowed))
+
+
+def _known_medications(req: HookRequest) -> dict[str, dict[str, Any]] | None:
+    """Medications the request already carries (prefetch), only when a draft order references one that is
+    not contained — so triage can follow `medicationReference` without any FHIR access."""
+    wanted = set()
+    for order in req.draft_orders:
+        ref = (order.get("medicationReference") or {}).get("reference") if isinstance(order, dict) else None
+        if isinstance(ref, str) and not ref.startswith("#"):
+            wanted.add("/".join(ref.rstrip("/").split("/")[-2:]))
+    if not wanted or not req.prefetch:
+        return None
+    known: dict[str, dict[str, Any]] = {}
+    for value in req.prefetch.values():
+        entries = value.get("entry") if isinstance(value, dict) and value.get("resourceType") == "Bundle" else None
+        for entry in entries or []:
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") == "Medication":
+                key = f"Medication/{resource.get('id')}"
+                if key in wanted:
+                    known[key] = resource
+    return known
