@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from cards import conformance_problems
-from tests.harness import FHIR_BASE, SERVICE_PATH, mocked_fhir, order_sign_request, start_service
+from tests.harness import SERVICE_PATH, mocked_fhir, order_sign_request, start_service
 
 BASE_CASE = Path(__file__).parents[2] / "fhir_mappings/policies/mgbhp-031.cases/base.json"
 
@@ -284,6 +284,7 @@ def test_unavailable_data_is_unknown_never_absent(service, base_patient) -> None
     with rsps:
         r = service.post_hook(_request(base_patient))
     assert r.status_code == 200
+    assert any("/Observation?" in c for c in fhir.calls)  # it was asked for, and failed
     decision = r.json()["cards"][0]["extension"]["ketamine-cds.decision"]
     statuses = {c["id"]: c["status"] for c in decision["criteria"]}
     assert decision["outcome"] == "documentation-needed"
