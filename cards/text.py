@@ -18,7 +18,7 @@ NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://ketamine-cds.example.org/car
 ELLIPSIS = "…"
 
 _REF = r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}"
-_REF_PAREN = re.compile(rf"\s*\([^()]*\b{_REF}[^()]*\)")  # "(MedicationRequest/abc, RxNorm 6130 ketamine)"
+_REF_START = re.compile(rf"\s*{_REF}")
 _REF_ANY = re.compile(rf"\b{_REF}")
 _HEALTH_PLAN = re.compile(r"\s+Health\s+Plans?$", re.IGNORECASE)
 
@@ -56,14 +56,31 @@ def fit(head: str, variable: str, tail: str = "", limit: int = SUMMARY_MAX) -> s
     return clip(head + variable + tail, limit)
 
 
+def _drop_ref_parens(label: str) -> str:
+    """Remove each "(MedicationRequest/abc, text "… (compounded)")" group, nested parentheses included."""
+    out: list[str] = []
+    i = 0
+    while i < len(label):
+        if label[i] == "(" and _REF_START.match(label, i + 1):
+            depth = 0
+            while i < len(label):
+                depth += {"(": 1, ")": -1}.get(label[i], 0)
+                i += 1
+                if depth == 0:
+                    break
+            continue
+        out.append(label[i])
+        i += 1
+    return "".join(out)
+
+
 def service_name(decision: Decision) -> str:
     """What was ordered, in words, without resource ids: "IV ketamine", "Integration psychotherapy".
 
     Derived from `order_label` (e.g. "IV ketamine administration (MedicationRequest/abc, RxNorm 6130 …)");
     "administration" is dropped because the summary reads "IV ketamine: …".
     """
-    label = _REF_PAREN.sub("", decision.order_label or "")
-    label = _REF_ANY.sub("", label)
+    label = _REF_ANY.sub("", _drop_ref_parens(decision.order_label or ""))
     names: list[str] = []
     for part in re.split(r"[,;]", label):
         name = one_line(part).strip(" :,;")

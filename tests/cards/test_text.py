@@ -24,6 +24,8 @@ from tests.cards import fixtures as fx
         ),
         ("a (MedicationRequest/1), b (ServiceRequest/2), c (ServiceRequest/3)", "Ketamine orders"),
         ("", "Ketamine order"),
+        ('oral ketamine administration (MedicationRequest/po, text "50 mg/5 mL (compounded)")', "Oral ketamine"),
+        ("IV ketamine (MedicationRequest/x, unbalanced (", "IV ketamine"),
         ("MedicationRequest/abc", "Ketamine order"),
     ],
 )
