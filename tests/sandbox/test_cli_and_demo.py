@@ -102,7 +102,7 @@ def test_load_fire_and_check_commands(
         assert main(["sandbox", "check", *service, *scenarios]) == 0
         out = capsys.readouterr().out
         assert out.count(" ✓") == 4  # two scenarios × two modes
-        assert "4/4 calls matched" in out
+        assert "4/4 expected outcomes matched; 0 unchecked (background)" in out
         assert "p50=" in out
 
         stub.responder = example_responder("likely-authorized")
@@ -110,7 +110,7 @@ def test_load_fire_and_check_commands(
         out = capsys.readouterr().out
         assert "✗ example-ketamine-minimal [fallback]" in out
         assert "got mgbhp-031 likely-authorized initial" in out
-        assert "1/2 calls matched" in out
+        assert "1/2 expected outcomes matched" in out
 
         assert main(["sandbox", "fire", "no-such-scenario", *service, *scenarios]) == 2
         assert "known ids" in capsys.readouterr().err
