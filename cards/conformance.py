@@ -11,6 +11,7 @@ detail under 6 KB. Each problem is one line starting with the JSON path it conce
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -79,6 +80,10 @@ def conformance_problems(response: Mapping[str, Any], draft_orders: Sequence[dic
     problems: list[str] = []
     if not isinstance(response, Mapping):
         return ["response: not a JSON object"]
+    try:
+        json.dumps(response, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"response: not serializable as JSON ({type(exc).__name__})")
     cards = response.get("cards")
     if not isinstance(cards, list):
         problems.append("cards: required array missing")

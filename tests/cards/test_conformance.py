@@ -64,6 +64,7 @@ CASES: list[tuple[str, Mutation, str]] = [
     ("topic system missing", lambda r: card(r)["source"]["topic"].pop("system"), "source.topic.system: required"),
     ("topic code missing", lambda r: card(r)["source"]["topic"].pop("code"), "source.topic.code: required"),
     ("source url relative", lambda r: card(r)["source"].update(url="/x"), "source.url: must be an absolute"),
+    ("not JSON", lambda r: card(r).update(detail=float("nan")), "response: not serializable as JSON"),
     ("card not object", lambda r: r["cards"].append("card"), "cards[8]: card must be an object"),
     # --- optional card fields (Inferno test 9) and CRD card rules
     ("uuid missing", lambda r: card(r).pop("uuid"), "cards[0].uuid: missing"),
