@@ -22,7 +22,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from cds_service.audit import AuditStore, HookCallRecord
-from cds_service.auth import AuthError, Caller, JwtVerifier, TrustedIssuers
+from cds_service.auth import AuthError, Caller, JwtVerifier, SharedReplayCache, TrustedIssuers
 from cds_service.config import ServiceConfig
 from cds_service.discovery import SERVICE_ID, discovery_document
 from cds_service.errors import Issue, ServiceError, operation_outcome
@@ -85,7 +85,9 @@ def create_app(
         site = SiteConfig.from_file(config.site_config) if config.site_config else None
         mappings = Mappings.load(site)
     issuers = TrustedIssuers.load(config.trusted_issuers) if config.trusted_issuers else None
-    verifier = JwtVerifier(issuers) if issuers is not None else None
+    audit = audit or AuditStore(config.database)
+    # jti replay protection shared by every gunicorn worker and instance that uses the same database.
+    verifier = JwtVerifier(issuers, replay_cache=SharedReplayCache(audit.claim_jti)) if issuers is not None else None
     if config.insecure_no_auth:
         log.warning(
             "!!! --insecure-no-auth: hook and feedback calls are accepted WITHOUT a JWT. Local development only: "
@@ -97,7 +99,7 @@ def create_app(
         verifier=verifier,
         issuers=issuers,
         fhir=fhir_client or FhirClient(timeout=config.fhir_timeout, max_workers=max(16, config.threads * 14)),
-        audit=audit or AuditStore(config.database),
+        audit=audit,
         clock=clock or utc_now,
     )
     warm_up_fhir_models()

@@ -155,8 +155,8 @@ def normalise_database_url(raw: str) -> URL:
 # Schema
 
 
-def _build_tables(schema: str | None) -> tuple[MetaData, Table, Table]:
-    """Describe both tables; built per store because the PostgreSQL schema is chosen per store."""
+def _build_tables(schema: str | None) -> tuple[MetaData, Table, Table, Table]:
+    """Describe the tables; built per store because the PostgreSQL schema is chosen per store."""
     json_type = JSON().with_variant(pg_dialect.JSONB(), "postgresql")
     metadata = MetaData(schema=schema)
     hook_calls = Table(
@@ -199,7 +199,18 @@ def _build_tables(schema: str | None) -> tuple[MetaData, Table, Table]:
         UniqueConstraint("service_id", "card_uuid", "outcome", "outcome_timestamp", name="uq_feedback_item"),
         Index("ix_feedback_card_uuid", "card_uuid"),
     )
-    return metadata, hook_calls, feedback
+    # JWT ids already used, shared by every worker and instance on this database (replay protection).
+    jwt_ids = Table(
+        "jwt_ids",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("issuer", Text, nullable=False),
+        Column("jti", Text, nullable=False),
+        Column("forget_after", Float, nullable=False),  # epoch seconds: token exp + leeway
+        UniqueConstraint("issuer", "jti", name="uq_jwt_ids"),
+        Index("ix_jwt_ids_forget_after", "forget_after"),
+    )
+    return metadata, hook_calls, feedback, jwt_ids
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,7 +301,8 @@ class AuditStore:
         self._memory_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self._in_memory else contextlib.nullcontext()
         )
-        self._metadata, self._hook_calls, self._feedback = _build_tables(schema)
+        self._metadata, self._hook_calls, self._feedback, self._jwt_ids = _build_tables(schema)
+        self._claims_since_purge = 0
         self._create_tables()
 
         self._state = threading.Condition()  # guards everything below
@@ -471,6 +483,31 @@ class AuditStore:
             logger.error("audit: could not store %d feedback item(s): %s", len(rows_by_key), self._explain(exc))
             raise AuditStoreError(f"could not store feedback: {self._explain(exc)}") from None
         return inserted
+
+    def claim_jti(self, issuer: str, jti: str, forget_after: float) -> bool:
+        """Record a JWT id as used; False if it was already used (a replay) by any worker on this database.
+
+        Synchronous by necessity (the answer decides the request), one indexed insert. Expired ids are purged
+        every 500 claims. Raises AuditStoreError when the database cannot answer (the caller refuses the call).
+        """
+        insert = pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
+        statement = (
+            insert(self._jwt_ids)
+            .values(issuer=issuer, jti=jti, forget_after=forget_after)
+            .on_conflict_do_nothing(index_elements=["issuer", "jti"])
+            .returning(self._jwt_ids.c.id)
+        )
+        try:
+            with self._memory_lock, self._engine.begin() as connection:
+                claimed = bool(connection.execute(statement).all())
+                self._claims_since_purge += 1
+                if self._claims_since_purge >= 500:
+                    self._claims_since_purge = 0
+                    connection.execute(self._jwt_ids.delete().where(self._jwt_ids.c.forget_after < time.time()))
+        except sa_exc.SQLAlchemyError as exc:
+            logger.error("audit: could not check a JWT id: %s", self._explain(exc))
+            raise AuditStoreError(f"could not check a JWT id: {self._explain(exc)}") from None
+        return claimed
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every call record queued so far has been written (or given up on), at most `timeout` s."""

@@ -351,6 +351,26 @@ class ReplayCache:
         return len(self._forget_at)
 
 
+class SharedReplayCache(ReplayCache):
+    """Replay protection across processes and instances: this process's memory first (cheap, catches most
+    replays), then `claim(iss, jti, forget_after)` — an insert into a database every worker shares, which
+    answers False when the jti was already used anywhere. A database that cannot answer refuses the token."""
+
+    def __init__(self, claim: Callable[[str, str, float], bool], *, leeway: float = 60, **kwargs: Any) -> None:
+        super().__init__(leeway=leeway, **kwargs)
+        self._claim = claim
+        self._shared_leeway = leeway
+
+    def seen_or_add(self, iss: str, jti: str, exp: float) -> bool:
+        if super().seen_or_add(iss, jti, exp):
+            return True
+        try:
+            return not self._claim(iss, jti, exp + self._shared_leeway)
+        except Exception as exc:  # the shared store is down: fail closed, the EHR retries
+            log.warning("jti replay store unavailable (%s): token refused", type(exc).__name__)
+            return True
+
+
 # --------------------------------------------------------------------------------------------------------------
 # JWKS fetching (only URLs from the trusted-issuers file)
 # --------------------------------------------------------------------------------------------------------------

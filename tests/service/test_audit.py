@@ -523,3 +523,26 @@ def test_scrub_secrets_is_recursive_and_case_insensitive() -> None:
 def test_queue_size_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="queue_size"):
         AuditStore(f"sqlite:///{tmp_path}/a.db", queue_size=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JWT ids shared across workers
+
+
+def test_claim_jti_is_first_come_across_stores(make_store: StoreFactory) -> None:
+    """Two stores on one database stand for two gunicorn workers: a jti used by one is a replay for the other."""
+    worker_a, worker_b = make_store(), make_store()
+    forget_after = time.time() + 300
+    assert worker_a.claim_jti("https://ehr.test", "jti-1", forget_after) is True
+    assert worker_b.claim_jti("https://ehr.test", "jti-1", forget_after) is False
+    assert worker_a.claim_jti("https://ehr.test", "jti-1", forget_after) is False
+    assert worker_b.claim_jti("https://other-issuer.test", "jti-1", forget_after) is True  # per issuer
+    assert worker_b.claim_jti("https://ehr.test", "jti-2", forget_after) is True
+
+
+def test_claim_jti_purges_expired_ids(make_store: StoreFactory) -> None:
+    store = make_store()
+    store.claim_jti("https://ehr.test", "old", time.time() - 10)
+    store._claims_since_purge = 499  # the next claim triggers the purge
+    store.claim_jti("https://ehr.test", "new", time.time() + 300)
+    assert store.claim_jti("https://ehr.test", "old", time.time() + 300) is True  # forgotten, so claimable

@@ -8,6 +8,7 @@ import hmac
 import json
 import stat
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -1130,3 +1131,30 @@ def test_write_trusted_issuers_refuses_an_invalid_document(tmp_path: Path) -> No
     with pytest.raises(TrustedIssuersError, match="issuers"):
         write_trusted_issuers(path, {"issuers": []})
     assert not path.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Replay protection shared across processes
+
+
+def test_shared_replay_cache_consults_the_shared_store_and_fails_closed() -> None:
+    from cds_service.auth import SharedReplayCache
+
+    claimed: set[tuple[str, str]] = set()
+
+    def claim(iss: str, jti: str, forget_after: float) -> bool:
+        if (iss, jti) in claimed:
+            return False
+        claimed.add((iss, jti))
+        return True
+
+    worker_a, worker_b = SharedReplayCache(claim), SharedReplayCache(claim)
+    exp = time.time() + 300
+    assert worker_a.seen_or_add("iss", "j1", exp) is False
+    assert worker_b.seen_or_add("iss", "j1", exp) is True  # used by the other worker
+    assert worker_a.seen_or_add("iss", "j1", exp) is True  # this worker remembers it itself
+
+    def broken(iss: str, jti: str, forget_after: float) -> bool:
+        raise ConnectionError("database down")
+
+    assert SharedReplayCache(broken).seen_or_add("iss", "j2", exp) is True  # cannot check: refuse

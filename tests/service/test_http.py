@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from cards import conformance_problems
-from tests.harness import SERVICE_PATH, mocked_fhir, order_sign_request, start_service
+from sandbox.signing import sign_cds_jwt
+from tests.harness import ISSUER, SERVICE_PATH, mocked_fhir, order_sign_request, start_service
 
 BASE_CASE = Path(__file__).parents[2] / "fhir_mappings/policies/mgbhp-031.cases/base.json"
 
@@ -372,3 +373,24 @@ def test_audit_trail_records_every_call_without_tokens(service, base_patient) ->
     assert {r["status_code"] for r in rows} >= {200, 401}
     assert all(r["mapping_version"] and r["latency_ms"] is not None for r in rows)
     assert "ehr-access-token-123" not in json.dumps(rows, default=str)
+
+
+def test_replayed_token_refused_by_another_instance_on_the_same_database(tmp_path: Path) -> None:
+    """Two service instances sharing one audit database (two gunicorn workers, or two hosts on PostgreSQL):
+    a jti used at one is a replay at the other."""
+    from sandbox.signing import generate_key
+
+    key = generate_key("ES384")
+    first = start_service(tmp_path, key=key)
+    second = start_service(tmp_path, key=key)  # same tmp_path: same trusted issuers and the same SQLite file
+    try:
+        body = order_sign_request([NON_KETAMINE_ORDER], patient_id="p1")
+        used = sign_cds_jwt(key, iss=ISSUER, aud=first.base_url + SERVICE_PATH, jti="shared-jti-1")
+        assert first.post_hook(body, token=used).status_code == 200
+        replay = sign_cds_jwt(key, iss=ISSUER, aud=second.base_url + SERVICE_PATH, jti="shared-jti-1")
+        assert second.post_hook(body, token=replay).status_code == 401
+        fresh = sign_cds_jwt(key, iss=ISSUER, aud=second.base_url + SERVICE_PATH, jti="shared-jti-2")
+        assert second.post_hook(body, token=fresh).status_code == 200
+    finally:
+        first.stop()
+        second.stop()
