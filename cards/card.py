@@ -98,7 +98,8 @@ def summary(decision: Decision) -> str:
     short = policy_short(policy) if policy else None
     outcome = decision.outcome
     if outcome is Outcome.LIKELY_AUTHORIZED:
-        text = f"{svc}: {short or 'payer'} criteria appear met; prior authorization required"
+        pa = "; prior authorization required" if not policy or policy.prior_authorization == "required" else ""
+        text = f"{svc}: {short or 'payer'} criteria appear met{pa}"
     elif outcome is Outcome.DOCUMENTATION_NEEDED:
         n = len([c for c in decision.criteria if c.status is Status.UNKNOWN])
         what = f"document {n} item{'s' if n != 1 else ''}" if n else "documentation needed"

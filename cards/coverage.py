@@ -44,6 +44,27 @@ ASSERTIONS: dict[Outcome, Assertion] = {
 }
 
 
+# When the policy does not say whether prior authorization is required (MP-054), a covered service's
+# pa-needed is "conditional" (with info-needed OTH and the reason saying so) and missing documentation goes
+# with the claim rather than with a prior-authorization request.
+PA_NOT_STATED: dict[Outcome, Assertion] = {
+    Outcome.LIKELY_AUTHORIZED: Assertion("covered", "conditional", info_needed="OTH"),
+    Outcome.DOCUMENTATION_NEEDED: Assertion(
+        "covered", "conditional", doc_needed="clinical", doc_purpose="withclaim", info_needed="OTH"
+    ),
+    Outcome.CRITERIA_NOT_MET: Assertion("conditional", "conditional", info_needed="OTH"),
+}
+
+
+def assertion_for(decision: Decision) -> Assertion | None:
+    """The coverage-information values for a decision (None: no coverage-information, e.g. no policy)."""
+    if decision.policy is not None and decision.policy.prior_authorization == "not-stated":
+        stated = PA_NOT_STATED.get(decision.outcome)
+        if stated is not None:
+            return stated
+    return ASSERTIONS.get(decision.outcome)
+
+
 def assertion_id(hook_instance: str, coverage_ref: str) -> str:
     """Same coverage in one response -> same id; different coverage -> different id (CRD 2.0.1 SHALL)."""
     return stable_uuid("coverage-assertion", hook_instance, coverage_ref)
@@ -60,12 +81,18 @@ def reason_text(decision: Decision) -> str:
     headline = one_line(decision.headline)
     outcome = decision.outcome
     text = headline
+    pa_stated = decision.policy is None or decision.policy.prior_authorization == "required"
     if outcome is Outcome.LIKELY_AUTHORIZED:
-        text = f"Prior authorization criteria{under} appear met; submit the prior authorization request."
+        text = (
+            f"Prior authorization criteria{under} appear met; submit the prior authorization request."
+            if pa_stated
+            else f"Coverage criteria{under} appear met; the policy does not say whether prior authorization is needed."
+        )
     elif outcome is Outcome.DOCUMENTATION_NEEDED:
         unknown = [c for c in decision.criteria if c.status is Status.UNKNOWN]
         items = [one_line(c.missing or c.title).rstrip(".") for c in unknown]
-        text = f"Documentation needed for prior authorization{under}: " + "; ".join(items) if items else headline
+        purpose = "prior authorization" if pa_stated else "coverage"
+        text = f"Documentation needed for {purpose}{under}: " + "; ".join(items) if items else headline
     elif outcome is Outcome.CRITERIA_NOT_MET:
         failing = _titles(decision, CriterionKind.REQUIREMENT, Status.NOT_MET)
         text = f"Requirement not met{under}: " + "; ".join(failing) if failing else headline
@@ -82,7 +109,7 @@ def reason_text(decision: Decision) -> str:
 
 def coverage_information(decision: Decision, *, hook_instance: str, today: date) -> dict[str, Any] | None:
     """The ext-coverage-information extension for a decision, or None (no-policy / no Coverage identified)."""
-    assertion = ASSERTIONS.get(decision.outcome)
+    assertion = assertion_for(decision)
     if assertion is None or not decision.coverage_ref:
         return None
     parts: list[dict[str, Any]] = [
@@ -156,7 +183,8 @@ def system_actions(
         extension = coverage_information(decision, hook_instance=hook_instance, today=today)
         if extension is None:
             continue
-        assertion = ASSERTIONS[decision.outcome]
+        assertion = assertion_for(decision)
+        assert assertion is not None  # coverage_information() returned an extension
         for ref in decision.order_refs:
             order = index.get(ref)
             if order is None or ref in done:

@@ -779,15 +779,34 @@ def _is_current(
 # --- ketamine history --------------------------------------------------------------------------------
 @derivation(
     "ketamine_administrations",
-    params={"ketamine": "valueset", "infusion_codes": "valueset", "session_codes": "valueset", "route_iv": "valueset"},
+    params={
+        "ketamine": "valueset",
+        "infusion_codes": "valueset",
+        "session_codes": "valueset",
+        "route_iv": "valueset",
+        "psychiatric": "valuesets",
+    },
     reads=("MedicationAdministration", "Procedure"),
+    optional=("psychiatric",),
 )
 def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
-    """Ketamine given before: MedicationAdministration of ketamine, or a completed Procedure for the
-    infusion (CPT 96365) that names ketamine (usedCode, code text, reason), or a KAP session procedure."""
+    """Ketamine given before for a psychiatric purpose: MedicationAdministration of ketamine, or a completed
+    Procedure for the infusion (CPT 96365) that names ketamine (usedCode, code text, reason), or a KAP session
+    procedure. Given with reasons that are all non-psychiatric (e.g. procedural sedation) it is not treatment
+    history: such administrations are left out when `psychiatric` value sets are given."""
     items: list[Item] = []
+    psychiatric = list(params.get("psychiatric") or [])
+
+    def non_psychiatric(resource: Resource) -> bool:
+        reasons = [c for c in _list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+        for ref in _list(resource.get("reasonReference")):
+            condition = ctx.record.resolve(ref, within=resource)
+            if condition is not None and isinstance(condition.get("code"), Mapping):
+                reasons.append(condition["code"])
+        return bool(psychiatric and reasons) and not any(ctx.match(vs, reasons) for vs in psychiatric)
+
     for admin in ctx.record.of_type("MedicationAdministration"):
-        if _status(admin) not in ("completed", "in-progress"):
+        if _status(admin) not in ("completed", "in-progress") or non_psychiatric(admin):
             continue
         match = ctx.match(params["ketamine"], ctx.medication_concepts(admin))
         if match is None:
@@ -803,6 +822,8 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
         if _status(proc) not in ("completed", "in-progress") or not isinstance(code, Mapping):
             continue
         when, text = _first_date(proc, "performedDateTime", "performedPeriod.start")
+        if non_psychiatric(proc):
+            continue
         session = ctx.match(params["session_codes"], [code])
         if session is not None:
             items.append(
@@ -1270,7 +1291,7 @@ def _mentions(ctx: FactContext, resource: Resource, valuesets: list[str], how: s
 
 @derivation(
     "integration_timing",
-    params={"kap_sessions": "fact", "sessions": "fact", "course_gap_days": "int"},
+    params={"kap_sessions": "fact", "sessions": "fact", "course_gap_days": "int", "justification": "valuesets"},
     reads=("Procedure", "MedicationAdministration"),
 )
 def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
@@ -1280,7 +1301,8 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     days_after_kap (session date − latest KAP session), sessions_in_course (integration sessions already on
     record since the start of the current KAP course), first_session_days_after_kap (of an earlier session
     after the latest KAP session; None if this is the first), same_day_session (another integration session
-    already on the session date), justification (the order carries a note). ABSENT without a KAP session.
+    already on the session date), justification (the order names a clinical justification).
+    ABSENT without a KAP session.
     """
     session_date, session_text = _order_date(ctx)
     kap = sorted(
@@ -1325,7 +1347,9 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     first_after = (after_latest[0].date - latest.date).days if after_latest and after_latest[0].date else None
     same_day = [s for s in earlier if s.date == session_date]
     order = ctx.group.primary.resource if ctx.group else {}
-    justification = any(isinstance(n, Mapping) and n.get("text") for n in _list(order.get("note")))
+    # A same-day session needs the provider's clinical justification on the order (a coded reason or note
+    # text naming it, value sets `justification`); a scheduling note is not one.
+    justification = bool(_mentions(ctx, order, list(params["justification"]), "same-day justification"))
     prior = "; ".join(
         f"{s.evidence.reference} on {s.evidence.date}" for s in sorted(earlier, key=lambda s: s.date or date.min)
     )
@@ -1399,6 +1423,19 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
     (identifiers system|value). Field `credentialed` is None when the site has configured no list."""
     places, resolved = _organisations_of_order(ctx)
     configured = len(ctx.registry.get(params["clinics"])) > 0
+    # A Location without identifiers of its own, managed by an Organization that is among the places, is that
+    # clinic's site: the Organization's identifiers decide.
+    place_refs = {reference_of(p) for p in places}
+    places = [
+        p
+        for p in places
+        if not (
+            p.get("resourceType") == "Location"
+            and not p.get("identifier")
+            and isinstance(p.get("managingOrganization"), Mapping)
+            and "/".join(str(p["managingOrganization"].get("reference", "")).split("/")[-2:]) in place_refs
+        )
+    ]
     items: list[Item] = []
     for place in places:
         match = None
@@ -1409,7 +1446,11 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
                 )
                 if match:
                     break
-        credentialed = True if match else (False if configured else None)
+        identified = any(
+            isinstance(i, Mapping) and i.get("system") and i.get("value") for i in _list(place.get("identifier"))
+        )
+        # Only an identified clinic can be "not on the list"; a place without identifiers is simply unknown.
+        credentialed = True if match else (False if configured and identified else None)
         items.append(
             Item(
                 Evidence(
@@ -1418,7 +1459,11 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
                     code=match.label() if match else None,
                     note="credentialed clinic"
                     if match
-                    else ("not on the credentialed list" if configured else "no credentialed-clinic list configured"),
+                    else (
+                        "not on the credentialed list"
+                        if credentialed is False
+                        else ("no identifier" if configured else "no credentialed-clinic list configured")
+                    ),
                 ),
                 date=ctx.today,
                 fields={"credentialed": credentialed},
@@ -1442,12 +1487,14 @@ def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) 
             refs.append(({"reference": reference_of(role)}, None, "clinic staff"))
     kap = [i for i in ctx.fact(params["kap_sessions"]).value or () if isinstance(i, Item) and i.date]
     if kap:
-        latest = max(kap, key=lambda i: i.date or date.min)
-        session = ctx.record.get(latest.evidence.reference)
-        for performer in _list((session or {}).get("performer")):
-            actor = performer.get("actor") if isinstance(performer, Mapping) else None
-            if isinstance(actor, Mapping):
-                refs.append((actor, session, "KAP session monitor"))
+        latest_day = max(i.date or date.min for i in kap)
+        # A KAP session is often two records (the dosing Procedure and the MedicationAdministration): read both.
+        for item in (i for i in kap if i.date == latest_day):
+            session = ctx.record.get(item.evidence.reference)
+            for performer in _list((session or {}).get("performer")):
+                actor = performer.get("actor") if isinstance(performer, Mapping) else None
+                if isinstance(actor, Mapping):
+                    refs.append((actor, session, "KAP session monitor"))
     items, known = _role_items(ctx, refs, params["roles"])
     return _people_fact(fact.name, items, known and bool(refs))
 
@@ -1524,3 +1571,17 @@ def evaluations_mentioning(ctx: FactContext, params: Mapping[str, Any], fact: De
             ctx.item_for(resource, match, when=when, date_text=text, note="mentions ketamine-assisted psychotherapy")
         )
     return ctx.make_fact(fact.name, items, fact.reads)
+
+
+@derivation("order_has", params={"element": "str"}, reads=())
+def order_has(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
+    """Whether any draft order of the group carries an element (e.g. `performer`): lets a rule say
+    "the requester counts only when no performer is named"."""
+    if ctx.group is None:
+        return Fact(fact.name, FactState.UNAVAILABLE, ())
+    items = [
+        Item(Evidence(o.ref, note=f"has {params['element']}"), date=ctx.today)
+        for o in ctx.group.orders
+        if o.resource.get(params["element"]) not in (None, [], {})
+    ]
+    return ctx.make_fact(fact.name, items, ())

@@ -78,6 +78,10 @@ def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -
         cleared: tuple[Evidence, ...] = (),
         case_by_case: bool = False,
     ) -> CriterionResult:
+        suggestion = criterion.suggestion
+        clearable = criterion.lifted_by is not None
+        if status is Status.MET and clearable and not missing:
+            missing = criterion.ask or f"Document {criterion.clearance} clearance for IV ketamine."
         return CriterionResult(
             id=criterion.id,
             kind=criterion.kind,
@@ -89,6 +93,12 @@ def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -
             missing=missing,
             cleared_by=cleared,
             case_by_case=case_by_case,
+            clearable=clearable,
+            suggestion=(
+                {"label": suggestion.label, "resource": suggestion.resource_type, "code": dict(suggestion.code)}
+                if suggestion is not None and status is Status.UNKNOWN
+                else None
+            ),
         )
 
     def review() -> Verdict | None:
@@ -196,10 +206,9 @@ def _headline(outcome: Outcome, results: list[CriterionResult]) -> str:
         unknown = [r.title for r in results if r.status is Status.UNKNOWN]
         return "Not documented: " + "; ".join(unknown)
     counts = Counter(r.kind for r in results)
-    return (
-        f"All {counts[CriterionKind.REQUIREMENT]} requirements are documented and none of the "
-        f"{counts[CriterionKind.EXCLUSION]} exclusions applies."
-    )
+    requirements = f"All {counts[CriterionKind.REQUIREMENT]} requirements are documented"
+    exclusions = counts[CriterionKind.EXCLUSION]
+    return f"{requirements} and none of the {exclusions} exclusions applies." if exclusions else f"{requirements}."
 
 
 def evaluate_policy(

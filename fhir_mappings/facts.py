@@ -426,7 +426,7 @@ class FactContext:
         self._cache: dict[str, Fact] = {}
         self._in_progress: set[str] = set()
         self._concepts: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        self._matches: dict[tuple[str, int], CodeMatch | None] = {}
+        self._matches: dict[tuple[str, tuple[Any, ...]], CodeMatch | None] = {}
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -509,7 +509,9 @@ class FactContext:
     def match(self, vs_id: str, concepts: list[dict[str, Any]]) -> CodeMatch | None:
         valueset = self.registry.get(vs_id)
         for concept in concepts:
-            key = (vs_id, id(concept))
+            # Keyed by content, never by id(): concepts built on the fly (note text) are garbage collected
+            # and their ids reused, which would hand one concept another's match.
+            key = (vs_id, _concept_key(concept))
             if key not in self._matches:
                 self._matches[key] = valueset.match_concept(concept)
             found = self._matches[key]
@@ -585,6 +587,13 @@ class FactContext:
                 )
             )
         return self.make_fact(definition.name, items, definition.reads)
+
+
+def _concept_key(concept: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A hashable identity of a CodeableConcept's content (codings and text)."""
+    codings = concept.get("coding") if isinstance(concept, Mapping) else None
+    parts = tuple((c.get("system"), c.get("code"), c.get("display")) for c in codings or () if isinstance(c, Mapping))
+    return (*parts, concept.get("text") if isinstance(concept, Mapping) else None)
 
 
 def _status_of(resource: Resource) -> str | None:

@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,7 @@ class Mappings:
                     coverage_ref=route.coverage_ref,
                     headline=route.message,
                     program=route.reason,
+                    payer=route.payer.name if route.payer else None,
                     mapping_version=self.version,
                     facts=(),
                     notes=tuple(_evidence_notes(route.evidence)),
@@ -181,7 +182,8 @@ class Mappings:
             decision = self._decide_group(record, group, route)
             if decision is not None:
                 decisions.append(decision)
-        return decisions
+        payer = route.payer.name if route.payer else None
+        return [replace(d, payer=payer) for d in decisions] if payer else decisions
 
     def _decide_group(self, record: PatientRecord, group: OrderGroup, route: Route) -> Decision | None:
         if group.kind is OrderKind.ESKETAMINE:

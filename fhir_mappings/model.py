@@ -7,6 +7,7 @@ line by line without re-running anything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -74,6 +75,8 @@ class CriterionResult:
     missing: str = ""  # the exact ask when status is UNKNOWN (or what would change a NOT_MET)
     cleared_by: tuple[Evidence, ...] = ()  # exclusion present but lifted by documented clearance
     case_by_case: bool = False  # the policy leaves it to individual review: needs documentation, not a guess
+    clearable: bool = False  # an exclusion the policy lets documented specialist clearance lift
+    suggestion: Mapping[str, Any] | None = None  # {"label", "resource", "code"}: an order that would help
 
     def evidence_refs(self) -> list[str]:
         refs: list[str] = []
@@ -103,6 +106,7 @@ class PolicyRef:
     number: str  # "Medical Policy 031"
     payer: str  # "Mass General Brigham Health Plan"
     url: str
+    prior_authorization: str = "required"  # "required" | "not-stated" (the policy does not say)
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Decision:
     links: tuple[tuple[str, str], ...] = ()  # (label, absolute URL) of references the card should link
     authorization_days: int | None = None  # length of the authorization the phase asks for
     mapping_version: str = ""
+    payer: str | None = None  # the insurer's name, also when no policy applies (plan variation, pointer)
     facts: tuple[Fact, ...] = field(default=(), compare=False)  # for explain tools; not rendered
 
     def by_status(self, kind: CriterionKind, status: Status) -> list[CriterionResult]:
@@ -140,13 +145,15 @@ class Decision:
                     "id": c.id,
                     "kind": c.kind.value,
                     "status": c.status.value,
-                    "evidence": c.evidence_refs(),
+                    **({"evidence": c.evidence_refs()} if c.evidence_refs() else {}),
                     **({"cleared": True} if c.cleared_by else {}),
                     **({"caseByCase": True} if c.case_by_case else {}),
                 }
                 for c in self.criteria
             ],
         }
+        if self.coverage_ref:
+            ext["coverage"] = self.coverage_ref
         if self.phase:
             ext["phase"] = self.phase
         if self.service:
@@ -155,4 +162,4 @@ class Decision:
             ext["program"] = self.program
         if self.mapping_version:
             ext["mappingVersion"] = self.mapping_version
-        return {k: v for k, v in ext.items() if v is not None}
+        return {k: v for k, v in ext.items() if v is not None and v != []}

@@ -120,7 +120,9 @@ class OrderGroup:
     def label(self) -> str:
         if len(self.orders) == 1:
             return self.orders[0].label
-        return f"{_KIND_LABEL[self.kind]}: " + ", ".join(o.ref for o in self.orders)
+        route = _ROUTE_LABEL.get(self.route)
+        what = f"{route} {_KIND_LABEL[self.kind]}" if route else _KIND_LABEL[self.kind]
+        return f"{what}: " + ", ".join(o.ref for o in self.orders)
 
 
 class OrderClassifier:

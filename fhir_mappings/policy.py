@@ -125,7 +125,17 @@ _TOP_KEYS = {
     "obligations",
     "links",
 }
-_POLICY_KEYS = {"id", "payer", "number", "title", "url", "effective", "applies_to", "source_file"}
+_POLICY_KEYS = {
+    "id",
+    "payer",
+    "number",
+    "title",
+    "url",
+    "effective",
+    "applies_to",
+    "source_file",
+    "prior_authorization",
+}
 _CRITERION_KEYS = {
     "id",
     "kind",
@@ -302,7 +312,10 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
         number=_text(meta, "number", f"{name} policy"),
         payer=_text(meta, "payer", f"{name} policy"),
         url=str(meta["url"]),
+        prior_authorization=str(meta.get("prior_authorization", "required")),
     )
+    if ref.prior_authorization not in ("required", "not-stated"):
+        raise PolicyError(f"{name} policy.prior_authorization: 'required' or 'not-stated'")
     if not ref.url.startswith("https://"):
         raise PolicyError(f"{name} policy.url: must be an absolute https URL")
     return Policy(

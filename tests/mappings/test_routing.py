@@ -303,10 +303,9 @@ def test_mgb_one_care_and_sco_are_cms_then_masshealth_then_031(cov: Resource) ->
 
 
 def test_mgb_one_care_plan_named_after_masshealth_is_still_one_care() -> None:
-    """KNOWN ROUTING ISSUE: One Care is a MassHealth + Medicare plan and plan names say so. A One Care member whose
-    Coverage.class reads "MGB One Care (MassHealth + Medicare)" (SOPT 142, dual) must get the One Care variation (CMS,
-    then MassHealth, then 031). routing.yaml tests the MGB ACO plan first and its `class_text` includes "masshealth",
-    so the member is routed to the ACO variation (MassHealth Drug List, no CMS step, no 031 criteria)."""
+    """One Care is a MassHealth + Medicare plan and plan names say so. A One Care member whose Coverage.class reads
+    "MGB One Care (MassHealth + Medicare)" (SOPT 142, dual) must get the One Care variation (CMS, then MassHealth,
+    then 031), not the MGB ACO one: routing.yaml checks One Care / SCO / Medicare Advantage before the ACO."""
     cov = mgb(type_=sopt("142", "FIDE-SNP"), plan="MGB One Care (MassHealth + Medicare)")
     decision = only(decide(build(MGB, coverages=[cov])))
     assert decision.outcome is Outcome.PLAN_VARIATION
@@ -611,23 +610,26 @@ def test_esketamine_points_to_the_pharmacy_policy(
 
 
 @pytest.mark.parametrize(
-    ("path", "cov"),
+    ("path", "cov", "program"),
     [
-        pytest.param(MGB, mgb(type_=sopt("111", "Medicare HMO")), id="MGB-Medicare-Advantage"),
-        pytest.param(MGB, mgb(type_=sopt("142", "FIDE-SNP"), plan="One Care"), id="MGB-One-Care"),
-        pytest.param(MGB, mgb(plan="Senior Care Options"), id="MGB-SCO"),
-        pytest.param(UUHP, uuhp(plan="Healthy U Medicaid"), id="Healthy-U"),
+        pytest.param(MGB, mgb(type_=sopt("111", "Medicare HMO")), "CMS guidance", id="MGB-Medicare-Advantage"),
+        pytest.param(MGB, mgb(type_=sopt("142", "FIDE-SNP"), plan="One Care"), "CMS guidance", id="MGB-One-Care"),
+        pytest.param(MGB, mgb(plan="Senior Care Options"), "CMS guidance", id="MGB-SCO"),
+        pytest.param(UUHP, uuhp(plan="Healthy U Medicaid"), "pharmacy policy", id="Healthy-U"),
     ],
 )
-def test_esketamine_in_plan_variations_is_not_applicable_and_never_evaluated(path: Path, cov: Resource) -> None:
-    """The plan variations speak of ketamine; esketamine still goes to a pharmacy-policy pointer and is never
-    evaluated under a fallback policy. (Which pointer: these plans have none of their own, so the payer-level one -
-    the commercial Spravato / U of U pharmacy policy - is named; see the report.)"""
+def test_esketamine_in_plan_variations_is_not_applicable_and_never_evaluated(
+    path: Path, cov: Resource, program: str
+) -> None:
+    """The plan variations speak of ketamine; esketamine goes to a pointer and is never evaluated under a
+    fallback policy. MGB's CMS-governed plans (Medicare Advantage, One Care, SCO) point to CMS guidance, not to
+    the commercial Spravato policy; U of U has one pharmacy pointer for all plans."""
     patient = base(path)["patient_id"]
     decision = only(decide(build(path, coverages=[cov], orders=[spravato(patient)])))
     assert decision.outcome is Outcome.NOT_APPLICABLE
     assert decision.policy is None and decision.criteria == ()
-    assert "pharmacy policy" in (decision.program or "")
+    assert program in (decision.program or ""), decision.program
+    assert "not governed by" in decision.headline
 
 
 def test_esketamine_beside_ketamine_is_never_evaluated_under_031() -> None:
