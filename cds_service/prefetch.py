@@ -87,18 +87,43 @@ class FhirAccess:
     url_allowed: Callable[[str], bool] = field(repr=False)  # bound to the caller's allowed `fhir_servers` prefixes
 
 
+_PATIENT_ELEMENTS = ("subject", "patient", "beneficiary", "for")
+
+
+def _other_patient(resource: Mapping[str, Any], patient_id: str) -> bool:
+    """True when the resource belongs to another patient (its subject/patient/beneficiary names one).
+
+    A server that ignores a search parameter it does not support (FHIR lets it, with a warning) answers a
+    patient-scoped search with everyone's resources; nothing of another patient may enter this record.
+    """
+    if resource.get("resourceType") == "Patient":
+        return resource.get("id") != patient_id
+    for element in _PATIENT_ELEMENTS:
+        ref = resource.get(element)
+        target = ref.get("reference") if isinstance(ref, Mapping) else None
+        if isinstance(target, str) and "Patient/" in target:
+            return target.rstrip("/").split("/")[-1] != patient_id
+    return False
+
+
 @dataclass
 class _Collected:
-    """Resources of the record so far, deduplicated by `Type/id` (an `_include`d payor may come twice)."""
+    """Resources of the record so far, deduplicated by `Type/id` (an `_include`d payor may come twice), and
+    only the context patient's."""
 
     resources: list[dict] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)
     full_urls: dict[str, dict] = field(default_factory=dict)
+    patient_id: str = ""
+    foreign: int = 0  # resources of other patients dropped (a server ignored a search parameter)
 
     def add(self, resources: Iterable[dict], full_urls: Mapping[str, dict] | None = None) -> list[dict]:
         """Add what is new; return the resources that were new."""
         added: list[dict] = []
         for resource in resources:
+            if self.patient_id and _other_patient(resource, self.patient_id):
+                self.foreign += 1
+                continue
             key = _key_of(resource)
             if key is not None:
                 if key in self.keys:
@@ -170,7 +195,10 @@ def gather_record(
     limits = queries.limits
     # A draft order the EHR already stored comes back from its search too; the context's copy is the one
     # being signed, and a draft is never history (`PatientRecord.of_type`), so the stored copy is left out.
-    collected = _Collected(keys={k for k in (_key_of(d) for d in draft_orders if isinstance(d, dict)) if k})
+    collected = _Collected(
+        keys={k for k in (_key_of(d) for d in draft_orders if isinstance(d, dict)) if k},
+        patient_id=str(context.get("patientId") or ""),
+    )
     outcomes: dict[str, QueryOutcome] = {}
     to_fetch: dict[str, str] = {}
     page_limits: dict[str, int] = {}
@@ -516,3 +544,9 @@ def _log_summary(
         len(unresolved),
         (time.monotonic() - started) * 1000,
     )
+    if collected.foreign:
+        log.warning(
+            "patient record: dropped %d resources of other patients (the FHIR server ignored a patient search "
+            "parameter)",
+            collected.foreign,
+        )

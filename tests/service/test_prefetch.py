@@ -743,3 +743,19 @@ def test_a_stored_copy_of_the_draft_order_is_not_history(
 
     assert [r["id"] for r in record.of_type("MedicationRequest")] == ["mr-old"]
     assert record.get("MedicationRequest/draft-1") is DRAFT
+
+
+def test_resources_of_other_patients_never_enter_the_record() -> None:
+    """A server that ignores an unsupported search parameter (FHIR allows it, with a warning) answers
+    `CareTeam?patient=X` with everyone's care teams: the record keeps only the context patient's."""
+    from cds_service.prefetch import _Collected
+
+    collected = _Collected(patient_id="p1")
+    mine = {"resourceType": "CareTeam", "id": "a", "subject": {"reference": "Patient/p1"}}
+    theirs = {"resourceType": "CareTeam", "id": "b", "subject": {"reference": "https://ehr.test/fhir/Patient/p2"}}
+    other_patient = {"resourceType": "Patient", "id": "p2"}
+    coverage = {"resourceType": "Coverage", "id": "c", "beneficiary": {"reference": "Patient/p1"}}
+    payer = {"resourceType": "Organization", "id": "o"}
+    added = collected.add([mine, theirs, other_patient, coverage, payer])
+    assert [r["id"] for r in added] == ["a", "c", "o"]
+    assert collected.foreign == 2
