@@ -96,12 +96,19 @@ def write_sandbox_keys(out_dir: Path, fhir_servers: Sequence[str], issuer: str =
     return key
 
 
+SITE_CONFIG = Path(__file__).with_name("site-config.yaml")
+
+
 class ServiceProcess:
     """The CDS service (`python -m cds_service.cli serve`) as a child process in its own process group."""
 
-    def __init__(self, workdir: Path, trusted_issuers: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, trusted_issuers: Path, port: int | None = None, site_config: Path | None = SITE_CONFIG
+    ) -> None:
         self.workdir = workdir
         self.trusted_issuers = trusted_issuers
+        # The sandbox's sample site configuration (credentialed KAP clinic, local codes) when it is shipped.
+        self.site_config = site_config if site_config is not None and site_config.is_file() else None
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -130,6 +137,7 @@ class ServiceProcess:
             str(self.trusted_issuers),
             "--database",
             f"sqlite:///{self.workdir / 'audit.db'}",
+            *(["--site-config", str(self.site_config)] if self.site_config else []),
         ]
 
     def start(self) -> ServiceProcess:
