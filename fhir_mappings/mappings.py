@@ -203,21 +203,20 @@ class Mappings:
         if route.kind is RouteKind.VARIATION:
             assert route.plan is not None and route.plan.variation is not None
             variation = route.plan.variation
-            kinds = policy.applies_to if policy else frozenset(OrderKind(k) for k in variation.applies_to)
-            if group.kind not in kinds:
+            if policy is None or group.kind not in policy.applies_to:
                 return None
             fallback = (
                 evaluate_policy(policy, record, group, coverage_ref=route.coverage_ref, version=self.version)
-                if policy
+                if variation.fallback
                 else None
             )
-            if policy and fallback is None:
+            if variation.fallback and fallback is None:
                 return None  # the fallback policy says this order is not what it is about
             return Decision(
                 outcome=Outcome.PLAN_VARIATION,
                 order_refs=group.refs,
                 order_label=group.label,
-                policy=policy.ref if policy else None,
+                policy=policy.ref,
                 phase=fallback.phase if fallback else None,
                 service=fallback.service if fallback else None,
                 criteria=fallback.criteria if fallback else (),
@@ -225,7 +224,7 @@ class Mappings:
                 headline=variation.message,
                 notes=(variation.quote, *(fallback.notes if fallback else ())),
                 program=variation.program,
-                links=variation.links + (policy.links if policy else ()),
+                links=variation.links + policy.links,
                 authorization_days=fallback.authorization_days if fallback else None,
                 mapping_version=self.version,
                 facts=fallback.facts if fallback else (),

@@ -115,7 +115,7 @@ class Variation:
     message: str
     fallback: str | None
     links: tuple[tuple[str, str], ...]
-    applies_to: tuple[str, ...] = ()  # order kinds concerned when there is no fallback policy to take them from
+    of_policy: str | None = None  # the policy whose variation section this is, when it has no fallback
 
 
 @dataclass(frozen=True)
@@ -157,10 +157,11 @@ class Route:
 
     @property
     def policy_id(self) -> str | None:
+        """The policy named on the decision: the plan's, or the one a variation belongs to / falls back on."""
         if self.plan is None:
             return None
         if self.plan.variation is not None:
-            return self.plan.variation.fallback
+            return self.plan.variation.fallback or self.plan.variation.of_policy
         return self.plan.policy
 
     @property
@@ -226,7 +227,7 @@ class Router:
                 variation = None
                 if "variation" in plan:
                     v = plan["variation"]
-                    vallowed = {"program", "quote", "message", "fallback", "links", "applies_to"}
+                    vallowed = {"program", "quote", "message", "fallback", "links", "of_policy"}
                     if set(v) - vallowed or not {"program", "quote", "message"} <= set(v):
                         raise RoutingError(f"{plw}.variation: needs program, quote, message")
                     if v.get("fallback") and v["fallback"] not in known_policies:
@@ -237,12 +238,13 @@ class Router:
                         message=" ".join(str(v["message"]).split()),
                         fallback=v.get("fallback"),
                         links=tuple((str(link["label"]), str(link["url"])) for link in v.get("links") or []),
-                        applies_to=tuple(v.get("applies_to") or ()),
+                        of_policy=v.get("of_policy"),
                     )
-                    if not variation.fallback and not variation.applies_to:
-                        raise RoutingError(
-                            f"{plw}.variation: without a fallback policy, say which orders it concerns (applies_to)"
-                        )
+                    named = variation.fallback or variation.of_policy
+                    if not named:
+                        raise RoutingError(f"{plw}.variation: name the policy it belongs to (fallback or of_policy)")
+                    if named not in known_policies:
+                        raise RoutingError(f"{plw}.variation: unknown policy {named!r}")
                 elif plan["policy"] not in known_policies:
                     raise RoutingError(f"{plw}.policy: unknown policy {plan['policy']!r}")
                 plans.append(

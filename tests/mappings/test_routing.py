@@ -259,7 +259,9 @@ def test_mgb_aco_is_the_masshealth_drug_list_without_031_criteria(cov: Resource)
     assert decision.outcome is Outcome.PLAN_VARIATION
     assert "MassHealth Drug List" in (decision.program or "")
     assert "Mass General Brigham ACO" in decision.headline
-    assert decision.policy is None and decision.criteria == ()  # no fallback policy: 031 is not applied
+    # the MassHealth Variation is a section of Policy 031: the decision names 031 but does not apply its criteria
+    assert decision.policy is not None and decision.policy.id == "mgbhp-031"
+    assert decision.criteria == () and decision.phase is None
     assert decision.coverage_ref == "Coverage/mgb-cov"
 
 

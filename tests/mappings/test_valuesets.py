@@ -754,3 +754,13 @@ def test_shipped_files_reload_from_a_copy(tmp_path: Path) -> None:
     for path in PACKAGE_DIR.iterdir():
         shutil.copy(path, tmp_path / path.name)
     assert ValueSetRegistry.load(tmp_path).fingerprint == ValueSetRegistry.load().fingerprint
+
+
+def test_levothyroxine_is_not_a_t3_augmentation(registry: ValueSetRegistry) -> None:
+    """Levothyroxine (T4) for hypothyroidism must not count as thyroid hormone T3 augmentation (MGB 031
+    criterion 4); a levothyroxine / liothyronine combination does contain T3."""
+    rx = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    t3 = registry.get("med_augment_t3")
+    assert t3.match_coding({"system": rx, "code": "966220"}) is None  # levothyroxine sodium 0.025 MG Oral Tablet
+    assert t3.match_coding({"system": rx, "code": "224920"}) is None  # Synthroid
+    assert t3.match_coding({"system": rx, "code": "10814"}) is not None  # liothyronine itself
