@@ -545,7 +545,8 @@ def test_references_resolve_requester_role_practitioner_roles_and_their_organiza
         elif rtype == "PractitionerRole":
             found = [doc1_role] if "doc-1" in params["practitioner"][0].split(",") else []
         elif rtype == "Practitioner":
-            found = [{"resourceType": "Practitioner", "id": "u1"}]  # doc-1 is not found
+            ids = params["_id"][0].split(",")
+            found = [{"resourceType": "Practitioner", "id": i} for i in ids if i != "doc-1"]  # doc-1 is not found
         elif rtype == "Organization":
             found = [{"resourceType": "Organization", "id": i} for i in params["_id"][0].split(",")]
         elif rtype == "Observation":
@@ -561,13 +562,18 @@ def test_references_resolve_requester_role_practitioner_roles_and_their_organiza
     record = gather(queries, client, prefetch, context=context, draft_orders=[DRAFT])
 
     requested = sorted(f"{urlsplit(u).path.rsplit('/', 1)[-1]}?{urlsplit(u).query}" for u in urls(mocked))
+    # round 1: the draft's references and the user; round 2: what the requester's role points to — its
+    # organization and its Practitioner (licence and training live on Practitioner), with that one's roles
     assert requested == [
         "Observation?_id=obs-9&_count=1",
         "Organization?_id=clinic-1,clinic-2&_count=2",
+        "Practitioner?_id=doc-2&_count=1",
         "Practitioner?_id=u1,doc-1&_count=2",
         "PractitionerRole?_id=req-role&_count=1",
+        "PractitionerRole?practitioner=doc-2",
         "PractitionerRole?practitioner=u1,doc-1",
     ]
+    assert record.get("Practitioner/doc-2") is not None
     assert record.get("PractitionerRole/req-role") == req_role
     assert record.get("PractitionerRole/doc1-psych") == doc1_role
     assert record.get("Organization/clinic-1") is not None and record.get("Organization/clinic-2") is not None
