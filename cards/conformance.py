@@ -118,8 +118,15 @@ def conformance_problems(response: Mapping[str, Any], draft_orders: Sequence[dic
 # ------------------------------------------------------------------------------------------------- generic
 
 
+# Our own extension specifies `criteria[].evidence` as an array that is empty when a criterion rests on no
+# resource (e.g. an exclusion with nothing on record): CDS Hooks allows empties where a spec says so.
+_SPECIFIED_EMPTY = re.compile(r"\.extension\.ketamine-cds\.decision\.criteria\[\d+\]\.evidence$")
+
+
 def _empty_values(value: Any, path: str, problems: list[str]) -> None:
     """CDS Hooks: "MUST omit" attributes without a value — no null, "", [] or {} anywhere (FHIR agrees)."""
+    if value == [] and _SPECIFIED_EMPTY.search(path):
+        return
     if value is None or value == "" or value == [] or value == {}:
         problems.append(f"{path}: empty value {value!r} (omit the attribute instead)")
     elif isinstance(value, Mapping):

@@ -145,7 +145,7 @@ class Decision:
                     "id": c.id,
                     "kind": c.kind.value,
                     "status": c.status.value,
-                    **({"evidence": c.evidence_refs()} if c.evidence_refs() else {}),
+                    "evidence": c.evidence_refs(),  # always present: [] when the criterion rests on no resource
                     **({"cleared": True} if c.cleared_by else {}),
                     **({"caseByCase": True} if c.case_by_case else {}),
                 }
