@@ -222,6 +222,11 @@ def test_ketamine_order_evaluated_from_fhir_server(service, base_patient) -> Non
         and decision["outcome"] == "likely-authorized"
         and decision["phase"] == "initial"
     )
+    # the machine-readable extension's shape is a contract: every criterion has id, kind, status and evidence
+    assert all({"id", "kind", "status", "evidence"} <= set(c) for c in decision["criteria"])
+    assert any(
+        c["kind"] == "exclusion" and c["status"] == "not-met" and c["evidence"] == [] for c in decision["criteria"]
+    )
     assert len(body["systemActions"]) == 1
     # every fetch carried the EHR's bearer token, and they were made for the missing keys in parallel
     assert fhir.calls and all(h == "Bearer ehr-access-token-123" for h in fhir.auth_headers)
