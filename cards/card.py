@@ -414,16 +414,6 @@ def _source(decision: Decision, topic: str) -> dict[str, Any]:
     return source
 
 
-def _prune(value: Any) -> Any:
-    """Drop None / "" / [] / {} (CDS Hooks: omit attributes without a value), recursively."""
-    if isinstance(value, Mapping):
-        pruned = {k: _prune(v) for k, v in value.items()}
-        return {k: v for k, v in pruned.items() if v not in (None, "", [], {})}
-    if isinstance(value, list | tuple):
-        return [v for v in (_prune(x) for x in value) if v not in (None, "", [], {})]
-    return value
-
-
 def card_uuid(decision: Decision, hook_instance: str) -> str:
     """uuid5(hook instance, policy id — or the program for decisions without one —, order refs)."""
     key = decision.policy.id if decision.policy else f"{decision.outcome.value}:{decision.program or ''}"
@@ -450,10 +440,8 @@ def build_card(decision: Decision, *, uuid: str, patient_id: str, user_id: str, 
     links = _links(decision)
     if links:
         card["links"] = [{"label": clip(label, 200), "url": url, "type": "absolute"} for label, url in links]
-    decision_ext = decision.to_extension()
-    if decision.coverage_ref:
-        decision_ext["coverage"] = decision.coverage_ref
-    extension: dict[str, Any] = {DECISION_EXTENSION: _prune(decision_ext)}
+    # The decision model owns the extension's shape (coverage included, empties dropped except `evidence`).
+    extension: dict[str, Any] = {DECISION_EXTENSION: decision.to_extension()}
     if decision.order_refs:
         extension[ASSOCIATED_RESOURCE] = list(decision.order_refs)
     card["extension"] = extension
