@@ -21,6 +21,8 @@ import jsonschema
 from cds_service.errors import Issue, ServiceError
 
 HOOK = "order-sign"
+# Request resources an order-sign draftOrders Bundle may carry: order-sign 1.0 (Device/Medication/Nutrition/
+# Service requests, VisionPrescription) plus what CRD adds (CommunicationRequest, Task).
 ORDER_TYPES = (
     "MedicationRequest",
     "ServiceRequest",
@@ -29,7 +31,6 @@ ORDER_TYPES = (
     "VisionPrescription",
     "CommunicationRequest",
     "Task",
-    "Appointment",
 )
 _UUID = r"^(urn:uuid:)?[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _FHIR_ID = r"^[A-Za-z0-9\-\.]{1,64}$"

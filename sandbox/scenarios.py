@@ -15,23 +15,14 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from cds_service.hook_request import ORDER_TYPES
 from fhir_mappings.model import Outcome
 
 PATIENTS_DIR = Path(__file__).resolve().parent / "patients"
 BACKGROUND_SUBDIR = "background"
 
 # Request resources that can appear in order-sign `draftOrders` (R4 + the types Da Vinci CRD adds).
-REQUEST_RESOURCE_TYPES = frozenset(
-    {
-        "MedicationRequest",
-        "ServiceRequest",
-        "DeviceRequest",
-        "NutritionOrder",
-        "VisionPrescription",
-        "CommunicationRequest",
-        "Task",
-    }
-)
+REQUEST_RESOURCE_TYPES = frozenset(ORDER_TYPES)  # what the service accepts as draft orders, one definition
 USER_RESOURCE_TYPES = ("Practitioner", "PractitionerRole")
 PHASES = frozenset({"initial", "reauthorization"})
 OUTCOMES = frozenset(outcome.value for outcome in Outcome)
