@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
@@ -134,12 +134,6 @@ def create_app(
     return app
 
 
-def _state() -> ServiceState:
-    from flask import current_app
-
-    return current_app.extensions["ketamine_cds"]  # type: ignore[no-any-return]
-
-
 def _register_routes(app: Flask, state: ServiceState) -> None:
     document = discovery_document(state.mappings.queries)
 
@@ -241,7 +235,6 @@ def _audit_hook(
     outcome: HookOutcome | None,
 ) -> None:
     latency = round((time.perf_counter() - started) * 1000, 2)
-    g.ketamine_latency_ms = latency
     state.audit.record_call(
         HookCallRecord(
             received_at=state.clock(),
