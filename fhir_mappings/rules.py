@@ -293,10 +293,13 @@ class _Count(Rule):
         fact = src.fact(self.fact_name)
         true_items, unknown_items = _partition(fact, self.where, src.today)
         if self.distinct_field:
-            definite = {i.get(self.distinct_field) for i in true_items} - {None}
-            possible_values = definite | {i.get(self.distinct_field) for i in unknown_items}
+            name = self.distinct_field
+            definite = {v for v in (i.get(name) for i in true_items) if v is not None}
+            # Values that might still add to the count: those of items that may qualify, and every item whose
+            # value is unknown (each could be a class not seen yet).
+            maybe = [i.get(name) for i in unknown_items] + [None for i in true_items if i.get(name) is None]
             low = len(definite)
-            high = len(possible_values - {None}) + (1 if None in possible_values else 0)
+            high = low + len({v for v in maybe if v is not None} - definite) + sum(v is None for v in maybe)
         else:
             low, high = len(true_items), len(true_items) + len(unknown_items)
         if not _complete(fact):
