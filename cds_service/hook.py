@@ -18,6 +18,7 @@ from cds_service.errors import Issue, ServiceError
 from cds_service.hook_request import HookRequest, parse_json, validate_orders_fhir, validate_request
 from cds_service.prefetch import FhirAccess, gather_record
 from fhir_mappings.model import Decision
+from fhir_mappings.record import reference_key
 
 if TYPE_CHECKING:
     from cds_service.app import ServiceState
@@ -125,8 +126,9 @@ def _known_medications(req: HookRequest) -> dict[str, dict[str, Any]] | None:
     wanted = set()
     for order in req.draft_orders:
         ref = (order.get("medicationReference") or {}).get("reference") if isinstance(order, dict) else None
-        if isinstance(ref, str) and not ref.startswith("#"):
-            wanted.add("/".join(ref.rstrip("/").split("/")[-2:]))
+        key = reference_key(ref) if isinstance(ref, str) else None
+        if key:
+            wanted.add(key)
     if not wanted or not req.prefetch:
         return None
     known: dict[str, dict[str, Any]] = {}

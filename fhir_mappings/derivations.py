@@ -24,16 +24,12 @@ from fhir_mappings.facts import (
 )
 from fhir_mappings.model import Evidence, Fact, FactState
 from fhir_mappings.orders import OrderKind
-from fhir_mappings.record import Availability
+from fhir_mappings.record import Availability, as_list, reference_key
 from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch
 
 Resource = dict[str, Any]
 _RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else ([] if value is None else [value])
 
 
 def _status(resource: Resource) -> str | None:
@@ -86,7 +82,9 @@ def _roles_by_practitioner(ctx: FactContext) -> dict[str, list[Resource]]:
         for role in ctx.record.of_type("PractitionerRole"):
             ref = (role.get("practitioner") or {}).get("reference")
             if isinstance(ref, str):
-                cache.setdefault("/".join(ref.rstrip("/").split("/")[-2:]), []).append(role)
+                key = reference_key(ref)
+                if key:
+                    cache.setdefault(key, []).append(role)
         ctx._roles_index = cache  # type: ignore[attr-defined]
     return cache
 
@@ -109,7 +107,9 @@ def lookup_roles(
     if rtype == "PractitionerRole":
         result.known = True
         concepts += [
-            (target, c) for c in _list(target.get("specialty")) + _list(target.get("code")) if isinstance(c, Mapping)
+            (target, c)
+            for c in as_list(target.get("specialty")) + as_list(target.get("code"))
+            if isinstance(c, Mapping)
         ]
     elif rtype == "Practitioner":
         key = reference_of(target)
@@ -118,9 +118,9 @@ def lookup_roles(
         result.known = bool(roles) or (ctx.record.references_resolvable and not lookup_failed)
         for role in roles:
             concepts += [
-                (role, c) for c in _list(role.get("specialty")) + _list(role.get("code")) if isinstance(c, Mapping)
+                (role, c) for c in as_list(role.get("specialty")) + as_list(role.get("code")) if isinstance(c, Mapping)
             ]
-        for qualification in _list(target.get("qualification")):
+        for qualification in as_list(target.get("qualification")):
             code = qualification.get("code") if isinstance(qualification, Mapping) else None
             if isinstance(code, Mapping):
                 concepts.append((target, code))
@@ -164,7 +164,7 @@ def _order_people(ctx: FactContext, element: str) -> list[tuple[Any, Resource | 
     if ctx.group is None:
         return refs
     for order in ctx.group.orders:
-        for ref in _list(order.resource.get(element)):
+        for ref in as_list(order.resource.get(element)):
             if isinstance(ref, Mapping):
                 refs.append((ref, order.resource, f"{order.ref} {element}"))
     return refs
@@ -233,15 +233,15 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
     encounter_refs: list[Any] = []
     for order in ctx.group.orders:
         res = order.resource
-        for concept in _list(res.get("locationCode")):
+        for concept in as_list(res.get("locationCode")):
             if isinstance(concept, Mapping):
                 classify(res, concept, "order locationCode")
-        for ref in _list(res.get("locationReference")):
+        for ref in as_list(res.get("locationReference")):
             location = ctx.record.resolve(ref, within=res)
             if location is None:
                 unresolved = True
                 continue
-            for concept in _list(location.get("type")):
+            for concept in as_list(location.get("type")):
                 classify(location, concept, "order location type")
         if isinstance(res.get("encounter"), Mapping):
             encounter_refs.append(res["encounter"])
@@ -255,9 +255,9 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
         cls = encounter.get("class")
         if isinstance(cls, Mapping):
             classify(encounter, {"coding": [cls]}, "encounter class")
-        for loc in _list(encounter.get("location")):
+        for loc in as_list(encounter.get("location")):
             location = ctx.record.resolve(loc.get("location") if isinstance(loc, Mapping) else None, within=encounter)
-            for concept in _list((location or {}).get("type")):
+            for concept in as_list((location or {}).get("type")):
                 classify(location or {}, concept, "encounter location type")
     known = not unresolved
     if items:
@@ -286,7 +286,7 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
         )
         if ctx.match(params["panel"], [code]):
             systolic = diastolic = None
-            for component in _list(obs.get("component")):
+            for component in as_list(obs.get("component")):
                 ccode = component.get("code") if isinstance(component, Mapping) else None
                 if not isinstance(ccode, Mapping):
                     continue
@@ -354,9 +354,9 @@ def _exposure(ctx: FactContext, resource: Resource, reason_vs: str | None) -> _E
     today = ctx.today
     reason_match = None
     if reason_vs:
-        reasons = [c for c in _list(resource.get("statusReason")) if isinstance(c, Mapping)]
+        reasons = [c for c in as_list(resource.get("statusReason")) if isinstance(c, Mapping)]
         reasons += (
-            [c for c in _list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+            [c for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
             if status in ("stopped", "completed")
             else []
         )
@@ -586,10 +586,11 @@ def _adherence_observations(ctx: FactContext, vs_id: str | None) -> dict[str, tu
         value = numeric(obs.get("valueQuantity"))
         if not isinstance(value, int | float):
             continue
-        for ref in _list(obs.get("focus")) + _list(obs.get("derivedFrom")):
+        for ref in as_list(obs.get("focus")) + as_list(obs.get("derivedFrom")):
             target = ref.get("reference") if isinstance(ref, Mapping) else None
-            if isinstance(target, str):
-                found["/".join(target.split("/")[-2:])] = (float(value) / 100.0, obs)
+            key = reference_key(target) if isinstance(target, str) else None
+            if key:
+                found[key] = (float(value) / 100.0, obs)
     return found
 
 
@@ -746,7 +747,7 @@ def _documented_stops(ctx: FactContext, classes: Mapping[str, str], today: date)
 
 def _oral_or_unstated(ctx: FactContext, resource: Resource, route_oral_vs: str) -> bool:
     routes = []
-    for dosage in _list(resource.get("dosageInstruction")) + _list(resource.get("dosage")):
+    for dosage in as_list(resource.get("dosageInstruction")) + as_list(resource.get("dosage")):
         route = dosage.get("route") if isinstance(dosage, Mapping) else None
         if isinstance(route, Mapping):
             routes.append(route)
@@ -798,8 +799,8 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
     psychiatric = list(params.get("psychiatric") or [])
 
     def non_psychiatric(resource: Resource) -> bool:
-        reasons = [c for c in _list(resource.get("reasonCode")) if isinstance(c, Mapping)]
-        for ref in _list(resource.get("reasonReference")):
+        reasons = [c for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+        for ref in as_list(resource.get("reasonReference")):
             condition = ctx.record.resolve(ref, within=resource)
             if condition is not None and isinstance(condition.get("code"), Mapping):
                 reasons.append(condition["code"])
@@ -834,7 +835,9 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
         if infusion is None:
             continue
         named = [
-            c for c in _list(proc.get("usedCode")) + _list(proc.get("reasonCode")) + [code] if isinstance(c, Mapping)
+            c
+            for c in as_list(proc.get("usedCode")) + as_list(proc.get("reasonCode")) + [code]
+            if isinstance(c, Mapping)
         ]
         if ctx.match(params["ketamine"], named) is None:
             continue
@@ -959,7 +962,7 @@ def specialist_clearances(ctx: FactContext, params: Mapping[str, Any], fact: Der
             continue
         roles: set[str] = set()
         known = True
-        for performer in _list(obs.get("performer")):
+        for performer in as_list(obs.get("performer")):
             lookup = lookup_roles(ctx, performer, params["roles"], within=obs)
             known = known and lookup.known
             roles.update(lookup.labels)
@@ -986,7 +989,7 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
         if _status(encounter) in ("cancelled", "entered-in-error", "planned"):
             continue
         when, text = _first_date(encounter, "period.start")
-        for participant in _list(encounter.get("participant")):
+        for participant in as_list(encounter.get("participant")):
             individual = participant.get("individual") if isinstance(participant, Mapping) else None
             if not isinstance(individual, Mapping):
                 continue
@@ -1000,7 +1003,7 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     for team in ctx.record.of_type("CareTeam"):
         if _status(team) not in ("active", None):
             continue
-        for participant in _list(team.get("participant")):
+        for participant in as_list(team.get("participant")):
             member = participant.get("member") if isinstance(participant, Mapping) else None
             if not isinstance(member, Mapping):
                 continue
@@ -1032,12 +1035,12 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     sources: list[tuple[Resource, list[Any], list[Any], tuple[str, ...]]] = []
     for proc in ctx.record.of_type("Procedure"):
         if _status(proc) == "completed":
-            actors = [p.get("actor") for p in _list(proc.get("performer")) if isinstance(p, Mapping)]
+            actors = [p.get("actor") for p in as_list(proc.get("performer")) if isinstance(p, Mapping)]
             sources.append((proc, [proc.get("code")], actors, ("performedDateTime", "performedPeriod.start")))
     for enc in ctx.record.of_type("Encounter"):
         if _status(enc) in ("finished", "in-progress", "arrived"):
-            actors = [p.get("individual") for p in _list(enc.get("participant")) if isinstance(p, Mapping)]
-            sources.append((enc, _list(enc.get("type")), actors, ("period.start",)))
+            actors = [p.get("individual") for p in as_list(enc.get("participant")) if isinstance(p, Mapping)]
+            sources.append((enc, as_list(enc.get("type")), actors, ("period.start",)))
     for resource, concepts, actors, date_paths in sources:
         match = ctx.match(params["codes"], [c for c in concepts if isinstance(c, Mapping)])
         if match is None:
@@ -1112,10 +1115,10 @@ def ketamine_dose_notes(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     weight_items = [i for i in ctx.fact(params["body_weight"]).value or () if isinstance(i, Item) and i.date]
     weight = max(weight_items, key=lambda i: i.date or date.min) if weight_items else None
     kg = _kilograms(weight) if weight else None
-    for dosage in _list(order.get("dosageInstruction")):
+    for dosage in as_list(order.get("dosageInstruction")):
         if not isinstance(dosage, Mapping):
             continue
-        for dose_rate in _list(dosage.get("doseAndRate")):
+        for dose_rate in as_list(dosage.get("doseAndRate")):
             dose = dose_rate.get("doseQuantity") if isinstance(dose_rate, Mapping) else None
             mg = _milligrams(dose) if isinstance(dose, Mapping) else None
             if mg is None:
@@ -1216,9 +1219,9 @@ def order_reasons(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
     for order in ctx.group.orders:
         res = order.resource
         concepts: list[tuple[dict[str, Any], Resource]] = [
-            (c, res) for c in _list(res.get("reasonCode")) if isinstance(c, Mapping)
+            (c, res) for c in as_list(res.get("reasonCode")) if isinstance(c, Mapping)
         ]
-        for ref in _list(res.get("reasonReference")):
+        for ref in as_list(res.get("reasonReference")):
             condition = ctx.record.resolve(ref, within=res)
             if condition is None:
                 known = False
@@ -1273,8 +1276,8 @@ def _mentions(ctx: FactContext, resource: Resource, valuesets: list[str], how: s
         if isinstance(resource.get(key), Mapping):
             concepts.append(resource[key])
     for key in ("orderDetail", "reasonCode"):
-        concepts.extend(c for c in _list(resource.get(key)) if isinstance(c, Mapping))
-    texts = [n.get("text") for n in _list(resource.get("note")) if isinstance(n, Mapping)]
+        concepts.extend(c for c in as_list(resource.get(key)) if isinstance(c, Mapping))
+    texts = [n.get("text") for n in as_list(resource.get("note")) if isinstance(n, Mapping)]
     texts.append(resource.get("patientInstruction"))
     concepts.extend({"text": t} for t in texts if isinstance(t, str) and t)
     for vs in valuesets:
@@ -1400,17 +1403,17 @@ def _organisations_of_order(ctx: FactContext) -> tuple[list[Resource], bool]:
                 take(target.get("managingOrganization"), target)
         elif rtype == "PractitionerRole":
             take(target.get("organization"), target)
-            for loc in _list(target.get("location")):
+            for loc in as_list(target.get("location")):
                 take(loc, target)
         elif rtype == "Encounter":
             take(target.get("serviceProvider"), target)
-            for loc in _list(target.get("location")):
+            for loc in as_list(target.get("location")):
                 take(loc.get("location") if isinstance(loc, Mapping) else None, target)
 
     for order in ctx.group.orders:
         res = order.resource
         for key in ("performer", "locationReference"):
-            for ref in _list(res.get(key)):
+            for ref in as_list(res.get(key)):
                 take(ref, res)
         take(res.get("encounter"), res)
     unique = {reference_of(r): r for r in found}
@@ -1433,13 +1436,13 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
             p.get("resourceType") == "Location"
             and not p.get("identifier")
             and isinstance(p.get("managingOrganization"), Mapping)
-            and "/".join(str(p["managingOrganization"].get("reference", "")).split("/")[-2:]) in place_refs
+            and reference_key(str(p["managingOrganization"].get("reference", ""))) in place_refs
         )
     ]
     items: list[Item] = []
     for place in places:
         match = None
-        for ident in _list(place.get("identifier")):
+        for ident in as_list(place.get("identifier")):
             if isinstance(ident, Mapping) and ident.get("system") and ident.get("value"):
                 match = ctx.match(
                     params["clinics"], [{"coding": [{"system": ident["system"], "code": ident["value"]}]}]
@@ -1447,7 +1450,7 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
                 if match:
                     break
         identified = any(
-            isinstance(i, Mapping) and i.get("system") and i.get("value") for i in _list(place.get("identifier"))
+            isinstance(i, Mapping) and i.get("system") and i.get("value") for i in as_list(place.get("identifier"))
         )
         # Only an identified clinic can be "not on the list"; a place without identifiers is simply unknown.
         credentialed = True if match else (False if configured and identified else None)
@@ -1483,7 +1486,7 @@ def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) 
     refs: list[tuple[Any, Resource | None, str]] = []
     for role in ctx.record.of_type("PractitionerRole"):
         org = (role.get("organization") or {}).get("reference")
-        if isinstance(org, str) and "/".join(org.split("/")[-2:]) in org_refs:
+        if isinstance(org, str) and reference_key(org) in org_refs:
             refs.append(({"reference": reference_of(role)}, None, "clinic staff"))
     kap = [i for i in ctx.fact(params["kap_sessions"]).value or () if isinstance(i, Item) and i.date]
     if kap:
@@ -1491,7 +1494,7 @@ def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) 
         # A KAP session is often two records (the dosing Procedure and the MedicationAdministration): read both.
         for item in (i for i in kap if i.date == latest_day):
             session = ctx.record.get(item.evidence.reference)
-            for performer in _list((session or {}).get("performer")):
+            for performer in as_list((session or {}).get("performer")):
                 actor = performer.get("actor") if isinstance(performer, Mapping) else None
                 if isinstance(actor, Mapping):
                     refs.append((actor, session, "KAP session monitor"))
@@ -1508,14 +1511,14 @@ def performer_training(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     items: list[Item] = []
     known = False
     for order in ctx.group.orders:
-        for ref in _list(order.resource.get("performer")):
+        for ref in as_list(order.resource.get("performer")):
             target = ctx.record.resolve(ref, within=order.resource)
             if target is not None and target.get("resourceType") == "PractitionerRole":
                 target = ctx.record.resolve(target.get("practitioner"), within=target)
             if target is None or target.get("resourceType") != "Practitioner":
                 continue
             known = True
-            for qualification in _list(target.get("qualification")):
+            for qualification in as_list(target.get("qualification")):
                 code = qualification.get("code") if isinstance(qualification, Mapping) else None
                 match = ctx.match(params["training"], [code]) if isinstance(code, Mapping) else None
                 if match is not None:
@@ -1558,7 +1561,7 @@ def evaluations_mentioning(ctx: FactContext, params: Mapping[str, Any], fact: De
         if _status(p) == "completed"
     ]
     candidates += [
-        (e, _list(e.get("type")), ("period.start",))
+        (e, as_list(e.get("type")), ("period.start",))
         for e in ctx.record.of_type("Encounter")
         if _status(e) in ("finished", "in-progress")
     ]

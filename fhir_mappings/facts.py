@@ -30,7 +30,7 @@ from jsonpath_ng.ext import parse as jsonpath_parse
 
 from fhir_mappings.model import Evidence, Fact, FactState
 from fhir_mappings.orders import OrderGroup
-from fhir_mappings.record import Availability, PatientRecord
+from fhir_mappings.record import Availability, PatientRecord, medication_concepts
 from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 
@@ -488,23 +488,8 @@ class FactContext:
         return found
 
     def medication_concepts(self, resource: Resource) -> list[dict[str, Any]]:
-        concepts: list[dict[str, Any]] = []
-        cc = resource.get("medicationCodeableConcept")
-        if isinstance(cc, Mapping):
-            concepts.append(cc)
-        ref = resource.get("medicationReference")
-        if isinstance(ref, Mapping):
-            medication = self.record.resolve(ref, within=resource)
-            if medication is not None:
-                if isinstance(medication.get("code"), Mapping):
-                    concepts.append(medication["code"])
-                for ingredient in medication.get("ingredient") or []:
-                    item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, Mapping) else None
-                    if isinstance(item, Mapping):
-                        concepts.append(item)
-            elif ref.get("display"):
-                concepts.append({"text": ref["display"]})
-        return concepts
+        """The drug concepts of a medication resource, following medicationReference through the record."""
+        return medication_concepts(resource, lambda ref, holder: self.record.resolve(ref, within=holder))
 
     def match(self, vs_id: str, concepts: list[dict[str, Any]]) -> CodeMatch | None:
         valueset = self.registry.get(vs_id)

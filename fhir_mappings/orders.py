@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from fhir_mappings.record import as_list, medication_concepts, medication_resource_concepts, reference_key
 from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 
 Resource = dict[str, Any]
@@ -133,19 +134,8 @@ class OrderClassifier:
 
     # -- concepts -----------------------------------------------------------------------------------
     def _medication_concepts(self, order: Resource, siblings: dict[str, Resource]) -> list[dict[str, Any]]:
-        """medicationCodeableConcept, or the referenced Medication's code and ingredients."""
-        concepts: list[dict[str, Any]] = []
-        cc = order.get("medicationCodeableConcept")
-        if isinstance(cc, dict):
-            concepts.append(cc)
-        ref = order.get("medicationReference")
-        if isinstance(ref, dict):
-            medication = _resolve_local(ref, order, siblings)
-            if medication is not None:
-                concepts.extend(_medication_resource_concepts(medication))
-            elif isinstance(ref.get("display"), str):
-                concepts.append({"text": ref["display"]})
-        return concepts
+        """medicationCodeableConcept, or the Medication it references inside the request."""
+        return medication_concepts(order, lambda ref, holder: _resolve_local(ref, holder, siblings))
 
     def _match_any(self, concepts: list[dict[str, Any]], vs_id: str) -> CodeMatch | None:
         valueset = self._vs.get(vs_id)
@@ -156,7 +146,7 @@ class OrderClassifier:
         return None
 
     def route_of(self, order: Resource) -> Route:
-        for dosage in _list(order.get("dosageInstruction")):
+        for dosage in as_list(order.get("dosageInstruction")):
             route = dosage.get("route") if isinstance(dosage, dict) else None
             if not isinstance(route, dict):
                 continue
@@ -186,16 +176,16 @@ class OrderClassifier:
         code = order.get("code")
         if isinstance(code, dict):
             concepts.append(code)
-        concepts.extend(c for c in _list(order.get("orderDetail")) if isinstance(c, dict))
+        concepts.extend(c for c in as_list(order.get("orderDetail")) if isinstance(c, dict))
         match = self._match_any(concepts, "order_ketamine")
         if match is not None:
             return match
-        for ref in [*_list(order.get("supportingInfo")), *_list(order.get("basedOn"))]:
+        for ref in [*as_list(order.get("supportingInfo")), *as_list(order.get("basedOn"))]:
             target = _resolve_local(ref, order, siblings) if isinstance(ref, dict) else None
             if target is None:
                 continue
             if target.get("resourceType") == "Medication":
-                match = self._match_any(_medication_resource_concepts(target), "order_ketamine")
+                match = self._match_any(medication_resource_concepts(target), "order_ketamine")
             elif target.get("resourceType") == "MedicationRequest":
                 found = self._classify_medication(target, siblings)
                 match = found[1] if found and found[0] is OrderKind.KETAMINE_ADMINISTRATION else None
@@ -267,28 +257,15 @@ def _group(classified: list[ClassifiedOrder]) -> list[OrderGroup]:
     return groups
 
 
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else ([] if value is None else [value])
-
-
 def _resolve_local(reference: dict[str, Any], holder: Resource, siblings: dict[str, Resource]) -> Resource | None:
     """Resolve a reference inside the request only: contained (#id) or another draft order/Medication."""
     ref = reference.get("reference")
     if not isinstance(ref, str):
         return None
     if ref.startswith("#"):
-        for contained in _list(holder.get("contained")):
+        for contained in as_list(holder.get("contained")):
             if isinstance(contained, dict) and contained.get("id") == ref[1:]:
                 return contained
         return None
-    parts = ref.rstrip("/").split("/")
-    return siblings.get("/".join(parts[-2:])) if len(parts) >= 2 else None
-
-
-def _medication_resource_concepts(medication: Resource) -> list[dict[str, Any]]:
-    concepts = [medication["code"]] if isinstance(medication.get("code"), dict) else []
-    for ingredient in _list(medication.get("ingredient")):
-        item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, dict) else None
-        if isinstance(item, dict):
-            concepts.append(item)
-    return concepts
+    key = reference_key(ref)
+    return siblings.get(key) if key else None

@@ -8,7 +8,7 @@ data that could not be fetched (timeout, 403, no FHIR server) is *unavailable* a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -37,6 +37,43 @@ class QueryOutcome:
     source: str  # "prefetch" | "fhir-server" | "none"
     reason: str = ""  # short, PHI-free: "timeout", "HTTP 403", "no fhirServer", "OperationOutcome in prefetch"
     pages: int = 0
+
+
+def as_list(value: Any) -> list[Any]:
+    """A FHIR element that may be a single value, a list or absent, as a list (0..* and 0..1 read alike)."""
+    return value if isinstance(value, list) else ([] if value is None else [value])
+
+
+def medication_resource_concepts(medication: Resource) -> list[dict[str, Any]]:
+    """A Medication resource's code and its ingredients' concepts (compounded products name the drug there)."""
+    concepts = [medication["code"]] if isinstance(medication.get("code"), Mapping) else []
+    for ingredient in as_list(medication.get("ingredient")):
+        item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, Mapping) else None
+        if isinstance(item, Mapping):
+            concepts.append(item)
+    return concepts
+
+
+def medication_concepts(
+    resource: Resource, resolve: Callable[[Mapping[str, Any], Resource], Resource | None]
+) -> list[dict[str, Any]]:
+    """The coded concepts naming a medication-bearing resource's drug: medicationCodeableConcept, or the
+    referenced Medication's code and ingredient concepts (`resolve` finds it), else the reference's display.
+
+    Triage resolves inside the request only, facts through the whole record: one extraction serves both.
+    """
+    concepts: list[dict[str, Any]] = []
+    cc = resource.get("medicationCodeableConcept")
+    if isinstance(cc, Mapping):
+        concepts.append(cc)  # the resource's own dict: facts memoise matches by content, triage reads it once
+    ref = resource.get("medicationReference")
+    if isinstance(ref, Mapping):
+        medication = resolve(ref, resource)
+        if medication is not None:
+            concepts.extend(medication_resource_concepts(medication))
+        elif isinstance(ref.get("display"), str) and ref["display"]:
+            concepts.append({"text": ref["display"]})
+    return concepts
 
 
 def reference_key(reference: str) -> str | None:
