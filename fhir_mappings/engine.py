@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from fhir_mappings.facts import DeriveFact, FactContext, SelectFact
+from fhir_mappings.facts import FactContext
 from fhir_mappings.model import (
     CriterionKind,
     CriterionResult,
@@ -30,31 +30,9 @@ from fhir_mappings.record import Availability, PatientRecord
 from fhir_mappings.rules import Verdict
 
 
-def _reads(policy: Policy, fact_names: Iterable[str], seen: set[str] | None = None) -> set[str]:
-    """Resource types a set of facts read, following derived facts' dependencies on other facts."""
-    seen = seen if seen is not None else set()
-    types: set[str] = set()
-    for name in fact_names:
-        if name in seen:
-            continue
-        seen.add(name)
-        definition = policy.library.facts[name]
-        if isinstance(definition, SelectFact):
-            types.add(definition.resource_type)
-        elif isinstance(definition, DeriveFact):
-            types.update(definition.reads)
-            spec = definition.spec
-            nested = [v for k, v in definition.params.items() if spec.params.get(k) == "fact"]
-            for k, v in definition.params.items():
-                if spec.params.get(k) == "facts":
-                    nested.extend(v.values() if isinstance(v, dict) else v)
-            types |= _reads(policy, nested, seen)
-    return types
-
-
-def _checked(policy: Policy, criterion: Criterion, ctx: FactContext) -> str:
+def _checked(criterion: Criterion, ctx: FactContext) -> str:
     """What was looked at, e.g. "checked 14 Condition, 31 Observation (all read)"."""
-    types = sorted(_reads(policy, criterion.facts))
+    types = sorted(criterion.reads)
     if not types:
         return ""
     parts = []
@@ -69,7 +47,7 @@ def _checked(policy: Policy, criterion: Criterion, ctx: FactContext) -> str:
     return text
 
 
-def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -> CriterionResult:
+def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResult:
     def result(
         status: Status,
         verdict: Verdict | None,
@@ -107,7 +85,6 @@ def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -
         verdict = criterion.case_by_case_when.evaluate(ctx)
         return verdict if verdict.value is True else None
 
-    checked = _checked(policy, criterion, ctx)
     if criterion.kind is CriterionKind.REQUIREMENT:
         assert criterion.met_when is not None
         met = criterion.met_when.evaluate(ctx)
@@ -120,7 +97,7 @@ def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -
         reviewed = review()
         if reviewed is not None:
             return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
-        return result(Status.UNKNOWN, met, checked, criterion.ask)
+        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask)
 
     assert criterion.holds_when is not None
     holds = criterion.holds_when.evaluate(ctx)
@@ -153,8 +130,10 @@ def evaluate_criterion(policy: Policy, criterion: Criterion, ctx: FactContext) -
     if reviewed is not None:
         return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
     if holds.value is None:
-        return result(Status.UNKNOWN, holds, checked, criterion.ask or "Document whether this applies.")
-    return result(Status.NOT_MET, holds, checked or "no evidence")
+        return result(
+            Status.UNKNOWN, holds, _checked(criterion, ctx), criterion.ask or "Document whether this applies."
+        )
+    return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
 
 
 def _unique(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:
@@ -242,7 +221,7 @@ def evaluate_policy(
         )
         return Decision(outcome=scope.outcome, headline=scope.message, criteria=(why,), facts=ctx.computed(), **base)
     phase, phase_note = choose_phase(policy, ctx)
-    results = [evaluate_criterion(policy, c, ctx) for c in policy.criteria if phase.id in c.phases]
+    results = [evaluate_criterion(c, ctx) for c in policy.criteria if phase.id in c.phases]
     outcome = outcome_of(results)
     notes: list[str] = [phase_note] if phase_note else []
     for fact_name in policy.notes:

@@ -234,6 +234,30 @@ class FactLibrary:
             if isinstance(fact, DeriveFact):
                 _check_derive_params(fact, known, self.registry, f"{where} facts.{name}")
 
+    def reads(self, fact_names: Iterable[str]) -> frozenset[str]:
+        """Resource types the facts read, following derived facts' dependencies on other facts.
+
+        A property of the definitions alone: computed when policies load, never per request.
+        """
+        types: set[str] = set()
+        seen: set[str] = set()
+        pending = list(fact_names)
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            definition = self.facts[name]
+            types.update(definition.reads)
+            if isinstance(definition, DeriveFact):
+                kinds = definition.spec.params
+                for key, value in definition.params.items():
+                    if kinds.get(key) == "fact":
+                        pending.append(value)
+                    elif kinds.get(key) == "facts":
+                        pending.extend(value.values() if isinstance(value, Mapping) else value)
+        return frozenset(types)
+
     def extended(self, defs: Mapping[str, Any], where: str, extra_text: str = "") -> FactLibrary:
         copy = FactLibrary(dict(self.facts), self.filters, self.shapes, self.registry, self.source_text + extra_text)
         copy.add(defs, where)

@@ -122,7 +122,7 @@ class Mappings:
         except (ValueSetError, QueryConfigError, FactError, PolicyError, RoutingError) as exc:
             raise MappingError(str(exc)) from None
         missing = (
-            {t for p in policies.values() for f in p.library.facts.values() for t in _reads_of(f)}
+            {t for p in policies.values() for t in p.library.reads(p.library.facts)}
             - queries.supplied_types()
             - _REFERENCED_TYPES
         )
@@ -237,10 +237,6 @@ class Mappings:
 
 # Types that arrive by reference resolution rather than by a prefetch query of their own.
 _REFERENCED_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location", "Medication"})
-
-
-def _reads_of(definition: Any) -> tuple[str, ...]:
-    return tuple(getattr(definition, "reads", ()))
 
 
 def _evidence_notes(evidence: tuple[Evidence, ...]) -> list[str]:

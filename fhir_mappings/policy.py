@@ -11,7 +11,7 @@ reported with the file and the item's id when the service starts, never at reque
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,7 @@ class Criterion:
     case_by_case_text: str
     clearance: str
     suggestion: Suggestion | None
+    reads: frozenset[str] = frozenset()  # resource types its facts read (for "checked 14 Condition ...")
 
     @property
     def facts(self) -> frozenset[str]:
@@ -297,6 +298,7 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
                 suggestion=suggestion,
             )
         )
+        criteria[-1] = replace(criteria[-1], reads=library.reads(criteria[-1].facts))
         if kind is CriterionKind.REQUIREMENT and not criteria[-1].ask:
             raise PolicyError(f"{where}.ask: a requirement must say what to document when it is unknown")
     for fact_name in doc.get("notes") or []:
