@@ -705,6 +705,10 @@ class ValueSetRegistry:
             return frozenset()
         return self._rx.ingredients(code.strip())
 
+    def rxnorm_name(self, code: str) -> str | None:
+        """The RxNorm name of a product code in the offline map (carries the strength: "… 50 MG Oral Tablet")."""
+        return self._rx.names.get(code.strip()) if isinstance(code, str) else None
+
     def search_codes(self, vs_ids: Iterable[str]) -> list[tuple[str, str]]:
         """Union of ``ValueSet.search_codes`` over several sets, first occurrence order, no duplicates."""
         seen: dict[tuple[str, str], None] = {}
