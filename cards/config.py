@@ -21,6 +21,10 @@ CRD_2_2 = "2.2"
 CRD_VERSIONS = (CRD_2_0, CRD_2_2)
 DEFAULT_CRD_VERSION = CRD_2_0
 
+# No-policy reasons (Decision.program) that CRD 2.2 hook-13 answers with HTTP 400 instead of a response: the
+# primary Coverage does not name a payer this endpoint handles — no Coverage, several, or another payer.
+HOOK_13_REASONS = frozenset({"no-active-coverage", "coverage-ambiguous", "payer-not-handled"})
+
 CARD_TYPE_SYSTEM = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"  # CRD 2.0.1 card types
 # CRD 2.2 ValueSet cardType = all codes of HL7 Terminology's cdshooks-card-type (same codes; the CRD temp system
 # is kept "for backwards compatibility only").

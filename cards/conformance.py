@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from cards.card import ASSOCIATED_RESOURCE, DECISION_EXTENSION, DETAIL_MAX_BYTES
-from cards.config import CARD_TYPE_SYSTEMS, CRD_2_0, CRD_2_2, CRD_VERSIONS, TOPIC_DISPLAY
+from cards.config import CARD_TYPE_SYSTEMS, CRD_2_0, CRD_2_2, CRD_VERSIONS, HOOK_13_REASONS, TOPIC_DISPLAY
 from cards.coverage import COVERAGE_INFORMATION_URL, CRD_TEMP_SYSTEM, order_index
 
 INDICATORS = {"info", "warning", "critical"}
@@ -736,9 +736,17 @@ def _cards_vs_orders(
             if ref not in index:
                 problems.append(f"cards[{i}].extension.{ASSOCIATED_RESOURCE}: {ref} is not a draft order")
         decision = extension.get(DECISION_EXTENSION)
-        if not isinstance(decision, Mapping) or not decision.get("coverage"):
+        if not isinstance(decision, Mapping):
             continue
-        if decision.get("outcome") == "no-policy" and crd_version != CRD_2_2:
+        if decision.get("outcome") == "no-policy" and crd_version == CRD_2_2:
+            if decision.get("program") in HOOK_13_REASONS:
+                problems.append(
+                    f"cards[{i}]: a no-policy card for {decision['program']}: CRD 2.2 answers HTTP 400 (hook-13)"
+                )
+                continue
+        elif decision.get("outcome") == "no-policy":
+            continue
+        if not decision.get("coverage"):
             continue
         for ref in refs:
             if ref in index and ref not in with_ci:
