@@ -163,10 +163,21 @@ class SelectFact:
     panel: tuple[str, ...] = ()  # Observation panels whose components / members hold the selected result
     value_range: tuple[float, float] | None = None  # a result outside it is not a valid score (kept, uncertain)
     polarity: Polarity | None = None  # how a qualitative result reads as positive / negative (field "positive")
+    reasons: ReasonSources | None = None  # Condition facts: also diagnoses stated as another resource's reason
 
     @property
     def reads(self) -> tuple[str, ...]:
-        return (self.resource_type,)
+        return (self.resource_type, *(self.reasons.types if self.reasons else ()))
+
+
+@dataclass(frozen=True)
+class ReasonSources:
+    """Where else a diagnosis is recorded when no Condition resource holds it: the reasonCode of an Encounter,
+    Procedure, MedicationRequest or MedicationAdministration (an ED visit for delirium, an antibiotic for
+    pneumonia). `within_days` bounds how old such a statement may be for a *current* condition (None: any)."""
+
+    types: tuple[str, ...]
+    within_days: int | None
 
 
 @dataclass(frozen=True)
@@ -315,19 +326,11 @@ class FactLibrary:
         _expect_keys(
             spec,
             {
-                "description",
-                "resource",
-                "valueset",
-                "filter",
-                "fields",
-                "answers",
-                "panel",
-                "range",
-                "polarity",
-                *_SHAPE_KEYS,
+                "description", "resource", "valueset", "filter", "fields", "answers", "panel", "range", "polarity",
+                "reasons", *_SHAPE_KEYS,
             },
             where,
-        )
+        )  # fmt: skip
         rtype = spec.get("resource")
         if rtype not in self.shapes:
             raise FactError(f"{where}: resource {rtype!r} has no shape (known: {', '.join(sorted(self.shapes))})")
@@ -381,6 +384,7 @@ class FactLibrary:
             panel=panel,
             value_range=value_range,
             polarity=self._compile_polarity(spec["polarity"], f"{where}.polarity") if "polarity" in spec else None,
+            reasons=_compile_reasons(spec["reasons"], rtype, f"{where}.reasons") if "reasons" in spec else None,
         )
 
     def _compile_polarity(self, spec: Any, where: str) -> Polarity:
@@ -426,6 +430,24 @@ def _expect_keys(node: Any, allowed: set[str], where: str) -> None:
     extra = set(node) - allowed
     if extra:
         raise FactError(f"{where}: unexpected key(s) {', '.join(sorted(extra))}")
+
+
+_REASON_TYPES = ("Encounter", "Procedure", "MedicationRequest", "MedicationAdministration")
+
+
+def _compile_reasons(spec: Any, rtype: str, where: str) -> ReasonSources:
+    if rtype != "Condition":
+        raise FactError(f"{where}: 'reasons' applies to Condition facts only")
+    _expect_keys(spec, {"types", "within_days"}, where)
+    # Encounters and procedures state diagnoses; medication reasons are allowed but not the default (a failed
+    # medication query would otherwise leave every exclusion undetermined)
+    types = spec.get("types", ["Encounter", "Procedure"])
+    if not isinstance(types, list) or not types or any(t not in _REASON_TYPES for t in types):
+        raise FactError(f"{where}.types: a list of {', '.join(_REASON_TYPES)}")
+    days = spec.get("within_days")
+    if days is not None and (not isinstance(days, int) or isinstance(days, bool) or days < 0):
+        raise FactError(f"{where}.within_days: a non-negative integer")
+    return ReasonSources(tuple(types), days)
 
 
 def _compile_shape(spec: Any, where: str) -> Shape:
@@ -736,7 +758,51 @@ class FactContext:
                     note="; ".join(doubts) or None,
                 )
             )
+        if definition.reasons is not None:
+            items.extend(self._stated_reasons(definition, {i.evidence.reference for i in items}))
         return self.make_fact(definition.name, items, definition.reads)
+
+    def _stated_reasons(self, definition: SelectFact, conditions: set[str]) -> list[Item]:
+        """Diagnoses of the fact's value sets stated as the reasonCode of other resources (a Condition they
+        reference is read as a Condition already), dated by that resource; recent enough for a current fact."""
+        from fhir_mappings.reading.dates import first_span  # local: dates is imported lazily elsewhere too
+
+        assert definition.reasons is not None
+        paths = {
+            "Encounter": ("period.start",),
+            "Procedure": ("performedDateTime", "performedPeriod.start"),
+            "MedicationRequest": ("authoredOn",),
+            "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
+        }
+        done = {"entered-in-error", "cancelled", "not-done", "planned"}
+        items: list[Item] = []
+        for rtype in definition.reasons.types:
+            for resource in self.record.of_type(rtype):
+                if resource.get("status") in done:
+                    continue
+                concepts = [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+                if not concepts:
+                    continue
+                matched = [vs for vs in definition.valuesets if self.match(vs, concepts) is not None]
+                if not matched:
+                    continue
+                span, _ = first_span(resource, paths[rtype])
+                window = definition.reasons.within_days
+                if window is not None and (span is None or (self.today - span.high).days > window):
+                    continue
+                match = self.match(matched[0], concepts)
+                items.append(
+                    self.item_for(
+                        resource,
+                        match,
+                        span=span,
+                        fields={"end": None, "status": None},
+                        codes=matched,
+                        path="reasonCode",
+                        note=f"stated as the reason for {rtype}/{resource.get('id')}",
+                    )
+                )
+        return items
 
     def _select_observations(self, definition: SelectFact) -> Fact:
         """Observation facts read every result shape (value[x], components, panel members) through

@@ -23,6 +23,7 @@ EVENT_DATE_PATHS: dict[str, tuple[str, ...]] = {
     "MedicationStatement": ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"),
     "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
     "ServiceRequest": ("occurrenceDateTime", "occurrencePeriod.start", "authoredOn"),
+    "MedicationRequest": ("authoredOn",),
 }
 DONE_STATUSES: dict[str, frozenset[str]] = {
     "Procedure": frozenset({"completed", "in-progress"}),
@@ -199,11 +200,14 @@ _CODED_KEYS = ("code", "medicationCodeableConcept", "orderDetail", "reasonCode",
 _TEXT_KEYS = ("note", "patientInstruction", "text")
 
 
-def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str]) -> Mention | None:
+def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str], *, topic: bool = False) -> Mention | None:
     """Does the resource name one of `valuesets` — by a code (its code, order details, reasons, outcome), or in
     its notes, instructions or concept texts? Text is read with ConText: "not a candidate for IV ketamine" is a
     negative mention, "consider IV ketamine" an uncertain one. None when nothing mentions it. A positive
-    mention anywhere wins over negated ones elsewhere (a later sentence may revise an earlier one)."""
+    mention anywhere wins over negated ones elsewhere (a later sentence may revise an earlier one).
+    With `topic`, what is asked is whether the resource is *about* the value set ("evaluation for
+    ketamine-assisted psychotherapy", "eligibility for KAP"): a hypothetical or uncertain mention is about it;
+    only a negated one ("KAP not discussed") is not."""
     concepts: list[dict[str, Any]] = []
     for key in _CODED_KEYS:
         concepts.extend(dict(c) for c in as_list(resource.get(key)) if isinstance(c, Mapping))
@@ -231,5 +235,8 @@ def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str]) -> M
 
     best = strongest(findings)
     assert best is not None
-    said = True if best.assertion.positive else (False if best.assertion.value == "negated" else None)
+    if topic:
+        said: bool | None = best.assertion.value != "negated"
+    else:
+        said = True if best.assertion.positive else (False if best.assertion.value == "negated" else None)
     return Mention(said, None, best.sentence, best.assertion.value)

@@ -224,6 +224,7 @@ def _administration_item(
         fields={
             "iv": iv,
             "psychiatric": psychiatric,
+            "kap": psychiatric is True,  # never undetermined: a psychiatric purpose shown, or not
             "source": str(primary.get("resourceType")),
             "administrations": administrations,
             "end": end,

@@ -104,7 +104,7 @@ def order_mentions(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact
     for resource, how in [(o.resource, "this order") for o in ctx.group.orders] + [
         (s, "signed together") for s in ctx.record.draft_orders if reference_of(s) not in own
     ]:
-        said = mention(ctx, resource, valuesets)
+        said = mention(ctx, resource, valuesets, topic=True)
         if said is None or said.said is False:
             continue
         items.append(

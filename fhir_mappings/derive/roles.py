@@ -11,12 +11,13 @@ was signed (that is where the prescriber is, not where the infusion happens).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fhir_mappings.derive.common import DONE_STATUSES, event_span, mention, status, valueset_ids
 from fhir_mappings.facts import DeriveFact, FactContext, derivation, reference_of
 from fhir_mappings.model import Evidence, Fact, FactState
+from fhir_mappings.reading.dates import parse_span
 from fhir_mappings.record import as_list, reference_key
 from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch
@@ -31,6 +32,21 @@ class RoleLookup:
     labels: dict[str, CodeMatch] = field(default_factory=dict)
     evidence: list[Evidence] = field(default_factory=list)
     known: bool = False  # False: the practitioner or their roles could not be read
+    doubtful: set[str] = field(default_factory=set)  # labels whose licence is recorded as expired / not yet valid
+
+
+def in_force(element: Mapping[str, Any], today: Any) -> bool:
+    """A PractitionerRole or qualification is in force when it is not inactive and its period (if any) has
+    begun and not ended (a licence that expired, training that starts next month: not in force)."""
+    if element.get("active") is False:
+        return False
+    period = element.get("period")
+    if not isinstance(period, Mapping):
+        return True
+    start, end = parse_span(period.get("start")), parse_span(period.get("end"))
+    if start is not None and start.low > today:
+        return False
+    return not (end is not None and end.high < today)
 
 
 def _roles_by_practitioner(ctx: FactContext) -> dict[str, list[Resource]]:
@@ -69,32 +85,52 @@ def lookup_roles(
         return result
     concepts: list[tuple[Resource, dict[str, Any]]] = []
     rtype = target.get("resourceType")
+    qualifications: set[int] = set()
+    lapsed: list[dict[str, Any]] = []  # qualifications recorded as expired or not yet valid
+    practitioner: Resource | None = None
     if rtype == "PractitionerRole":
         result.known = True
-        if target.get("active") is not False:
+        if in_force(target, ctx.today):
             concepts += [(target, c) for c in _role_concepts(target)]
+        practitioner = (
+            ctx.record.resolve(target.get("practitioner"), within=target) if target.get("practitioner") else None
+        )
     elif rtype == "Practitioner":
         key = reference_of(target)
-        roles = [r for r in _roles_by_practitioner(ctx).get(key, []) if r.get("active") is not False]
+        roles = [r for r in _roles_by_practitioner(ctx).get(key, []) if in_force(r, ctx.today)]
         lookup_failed = f"PractitionerRole?practitioner={target.get('id')}" in ctx.record.unresolved_references
         result.known = bool(roles) or (ctx.record.references_resolvable and not lookup_failed)
         for role in roles:
             concepts += [(role, c) for c in _role_concepts(role)]
-        for qualification in as_list(target.get("qualification")):
-            code = qualification.get("code") if isinstance(qualification, Mapping) else None
-            if isinstance(code, Mapping):
-                concepts.append((target, dict(code)))
+        practitioner = target
     else:
         return result
+    if practitioner is not None and practitioner.get("resourceType") == "Practitioner":
+        for qualification in as_list(practitioner.get("qualification")):
+            code = qualification.get("code") if isinstance(qualification, Mapping) else None
+            if not isinstance(code, Mapping):
+                continue
+            if in_force(qualification, ctx.today):
+                concepts.append((practitioner, dict(code)))
+                qualifications.add(id(concepts[-1][1]))
+            else:
+                lapsed.append(dict(code))
     for label, vs_id in role_sets.items():
         for holder, concept in concepts:
             match = ctx.match(vs_id, [concept])
             if match is not None:
+                if match.via == "text" and id(concept) in qualifications:
+                    # A licence is named in Practitioner.qualification.code text: there is no standard code for
+                    # LCSW / LPC / LMFT licences, so the name is the standard shape (not text-only evidence).
+                    match = replace(match, via="qualification-text")
                 result.labels[label] = match
                 result.evidence.append(
                     Evidence(reference_of(holder), code=match.label(), display=match.display, note=f"{label} role")
                 )
                 break
+        current = [c for h, c in concepts if id(c) in qualifications and ctx.match(vs_id, [c]) is not None]
+        if label in result.labels and not current and ctx.match(vs_id, lapsed) is not None:
+            result.doubtful.add(label)  # the licence this role needs is on record as expired / not yet valid
     return result
 
 
@@ -109,12 +145,14 @@ def role_items(
         all_known = all_known and lookup.known
         for label, match in lookup.labels.items():
             ev = next(e for e in lookup.evidence if e.note == f"{label} role")
+            doubt = "; licence on record is expired or not yet valid" if label in lookup.doubtful else ""
             items.append(
                 Item(
-                    evidence=Evidence(ev.reference, code=ev.code, display=ev.display, note=f"{how}: {label}"),
+                    evidence=Evidence(ev.reference, code=ev.code, display=ev.display, note=f"{how}: {label}{doubt}"),
                     date=ctx.today,
                     fields={"role": label, "via": how},
                     text_only=match.via == "text",
+                    certain=label not in lookup.doubtful,
                 )
             )
     return items, all_known
@@ -199,7 +237,7 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
                 )
                 return
 
-    def location(ref: Any, holder: Resource, how: str, *, certain: bool = True) -> None:
+    def location(ref: Any, holder: Resource, how: str) -> None:
         nonlocal unresolved
         target = ctx.record.resolve(ref, within=holder)
         if target is None:
@@ -209,7 +247,7 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
             return
         for concept in as_list(target.get("type")):
             if isinstance(concept, Mapping):
-                classify(target, concept, how, certain=certain)
+                classify(target, concept, how)
 
     for order in ctx.group.orders:
         res = order.resource
@@ -220,11 +258,27 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
             location(ref, res, "order locationReference")
         for ref in as_list(res.get("performer")):
             performer = ctx.record.resolve(ref, within=res)
-            if performer is None or performer.get("resourceType") != "PractitionerRole":
+            if performer is None:
                 continue
-            places = as_list(performer.get("location"))
-            for loc in places:
-                location(loc, performer, "performer's location", certain=len(places) == 1)
+            if performer.get("resourceType") == "PractitionerRole":
+                roles = [performer]
+            elif performer.get("resourceType") == "Practitioner":
+                roles = [
+                    r
+                    for r in _roles_by_practitioner(ctx).get(reference_of(performer), [])
+                    if r.get("active") is not False
+                ]
+            else:
+                continue
+            before = len(items)
+            for role in roles:
+                for loc in as_list(role.get("location")):
+                    location(loc, role, "performer's location")
+            found = items[before:]
+            if len({i.get("setting") for i in found}) > 1:
+                # the role works in places of different kinds (an office and patients' homes): which one is
+                # not said, so none of them decides
+                items[before:] = [replace(i, certain=False) for i in found]
     if items:
         return Fact(fact.name, FactState.PRESENT, tuple(items), tuple(i.evidence for i in items), "", not unresolved)
     return Fact(fact.name, FactState.UNAVAILABLE, (), (), "the order states no place of administration", False)
@@ -280,7 +334,7 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     (field `roles`: set of labels; None when the performer could not be read) and whether they document the
     determination in `candidacy` (field `candidacy`: True coded or affirmed in the note / reason; False when
     the text negates it — "not a candidate for IV ketamine"; None when it is uncertain or hypothetical —
-    "would be a candidate once cleared"; False when the evaluation does not mention it at all). The same
+    "would be a candidate once cleared" — or not mentioned at all). The same
     evaluation recorded as a Procedure and as its Encounter is one item, reading both."""
     candidacy_sets = valueset_ids(params.get("candidacy"))
     sources: list[tuple[Resource, list[Any], list[Any]]] = []
@@ -329,7 +383,7 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
             if decided:
                 candidacy, candidacy_note = decided[0].said, decided[0].note()
             else:
-                candidacy, candidacy_note = False, "candidacy not mentioned"
+                candidacy, candidacy_note = None, "candidacy not mentioned"
         notes = [f"by {', '.join(sorted(roles))}" if roles else ("performer not identified" if not actors else "")]
         notes.append(candidacy_note)
         items.append(

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
-from fhir_mappings.derive.common import DONE_STATUSES, mention, occurrences, status, valueset_ids
+from fhir_mappings.derive.common import DONE_STATUSES, first_match, mention, occurrences, status, valueset_ids
 from fhir_mappings.derive.order_facts import order_date
-from fhir_mappings.derive.roles import people_fact, role_items
+from fhir_mappings.derive.roles import in_force, people_fact, role_items
 from fhir_mappings.facts import DeriveFact, FactContext, derivation, format_value, reference_of
 from fhir_mappings.model import Evidence, Fact, FactState
 from fhir_mappings.record import as_list, reference_key
@@ -25,7 +25,8 @@ from fhir_mappings.valuesets import CodeMatch
 Resource = dict[str, Any]
 
 
-def _session_records(ctx: FactContext, codes: str) -> list[tuple[Resource, CodeMatch]]:
+def _session_records(ctx: FactContext, codes: str | list[str]) -> list[tuple[Resource, CodeMatch]]:
+    valuesets = [codes] if isinstance(codes, str) else list(codes)
     records: list[tuple[Resource, CodeMatch]] = []
     for rtype, concepts_of in (
         ("Procedure", lambda r: [r.get("code")]),
@@ -34,18 +35,19 @@ def _session_records(ctx: FactContext, codes: str) -> list[tuple[Resource, CodeM
         for resource in ctx.record.of_type(rtype):
             if status(resource) not in DONE_STATUSES[rtype]:
                 continue
-            match = ctx.match(codes, [dict(c) for c in concepts_of(resource) if isinstance(c, Mapping)])
+            concepts = [dict(c) for c in concepts_of(resource) if isinstance(c, Mapping)]
+            match = first_match(ctx, valuesets, concepts)
             if match is not None:
                 records.append((resource, match))
     return records
 
 
-@derivation("sessions", params={"codes": "valueset"}, reads=("Procedure", "Encounter"))
+@derivation("sessions", params={"codes": "valuesets"}, reads=("Procedure", "Encounter"))
 def sessions(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
-    """Sessions that took place, coded in `codes` on a Procedure or an Encounter's type, one item per event
+    """Sessions that took place, coded in one of `codes` on a Procedure or an Encounter's type, one item per event
     (the same session recorded twice counts once; the other records are cited as support)."""
     items: list[Item] = []
-    for occurrence in occurrences(_session_records(ctx, params["codes"])):
+    for occurrence in occurrences(_session_records(ctx, valueset_ids(params["codes"]))):
         evidence = occurrence.evidence()
         span = occurrence.span
         items.append(
@@ -104,6 +106,8 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
         else:
             break
     own_ids = {o.ref for o in ctx.group.orders} if ctx.group else set()
+    # a psychotherapy record that is the KAP dosing session itself (recorded with it) is not an integration session
+    own_ids |= {e.reference for i in all_kap for e in (i.evidence, *i.support)}
     earlier = sorted(
         (
             s
@@ -126,6 +130,7 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     justification = said.said if said is not None else False
     prior = "; ".join(f"{s.evidence.reference} on {s.evidence.date}" for s in earlier)
     days_after = (session_date - latest.date).days
+    hours_after = _hours_between(ctx, latest, order)
     item = Item(
         Evidence(
             latest.evidence.reference,
@@ -145,14 +150,45 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
             "first_session_days_after_kap": first_after,
             "same_day_session": bool(same_day),
             "justification": justification,
+            "hours_after_kap": hours_after,
         },
     )
     return Fact(fact.name, FactState.PRESENT, (item,), (item.evidence, *item.support), session_text)
 
 
+def _hours_between(ctx: FactContext, kap: Item, order: Mapping[str, Any]) -> float | None:
+    """Hours from the KAP dosing to the ordered session, when both carry a time of day (None otherwise)."""
+    from datetime import datetime
+
+    def instant(value: Any) -> datetime | None:
+        if not isinstance(value, str) or "T" not in value:
+            return None
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        return when if when.tzinfo is not None else None
+
+    dosed = None
+    for evidence in (kap.evidence, *kap.support):
+        record = ctx.record.get(evidence.reference) or {}
+        for key in ("effectiveDateTime", "performedDateTime"):
+            dosed = dosed or instant(record.get(key))
+        for key in ("effectivePeriod", "performedPeriod", "period"):
+            period = record.get(key)
+            if isinstance(period, Mapping):
+                dosed = dosed or instant(period.get("start"))
+    start = instant(order.get("occurrenceDateTime"))
+    if start is None and isinstance(order.get("occurrencePeriod"), Mapping):
+        start = instant(order["occurrencePeriod"].get("start"))
+    if dosed is None or start is None:
+        return None
+    return round((start - dosed).total_seconds() / 3600, 2)
+
+
 def _organisations_of_order(ctx: FactContext) -> tuple[list[Resource], bool]:
-    """Organizations and Locations where the ordered service happens (performer, its role's organization,
-    locationReference, encounter service provider / location) and whether every reference resolved."""
+    """Organizations and Locations where the ordered service happens (performer, its role's organization and
+    locations, locationReference) and whether every reference resolved — never the signing encounter's."""
     found: list[Resource] = []
     resolved = True
     if ctx.group is None:
@@ -185,7 +221,7 @@ def _organisations_of_order(ctx: FactContext) -> tuple[list[Resource], bool]:
         for key in ("performer", "locationReference"):
             for ref in as_list(res.get(key)):
                 take(ref, res)
-        take(res.get("encounter"), res)
+        # the encounter the order is signed in is where the ordering happens, not where the session does
     unique = {reference_of(r): r for r in found}
     return list(unique.values()), resolved
 
@@ -297,7 +333,9 @@ def performer_training(ctx: FactContext, params: Mapping[str, Any], fact: Derive
             known = True
             for qualification in as_list(target.get("qualification")):
                 code = qualification.get("code") if isinstance(qualification, Mapping) else None
-                match = ctx.match(params["training"], [code]) if isinstance(code, Mapping) else None
+                if not isinstance(code, Mapping) or not in_force(qualification, ctx.today):
+                    continue  # not yet obtained, or expired
+                match = ctx.match(params["training"], [dict(code)])
                 if match is not None:
                     items.append(
                         Item(
@@ -333,7 +371,7 @@ def evaluations_mentioning(ctx: FactContext, params: Mapping[str, Any], fact: De
     mentions = valueset_ids(params["mentions"])
     items: list[Item] = []
     for occurrence in occurrences(_session_records(ctx, params["codes"])):
-        said = [m for m in (mention(ctx, r, mentions) for r in occurrence.records) if m is not None]
+        said = [m for m in (mention(ctx, r, mentions, topic=True) for r in occurrence.records) if m is not None]
         positive = [m for m in said if m.said is True]
         undecided = [m for m in said if m.said is None]
         if not positive and not undecided:

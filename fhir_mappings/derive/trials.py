@@ -82,6 +82,27 @@ def _ingredient_in_text(ctx: FactContext, vs_id: str, text: str) -> tuple[str, s
     return said.strip(), said.strip()
 
 
+def _prescriptions_of(ctx: FactContext, resource: Resource) -> list[Resource]:
+    """The prescriptions a dispense or statement records: authorizingPrescription, basedOn, derivedFrom."""
+    found = []
+    for key in ("authorizingPrescription", "basedOn", "derivedFrom"):
+        for ref in as_list(resource.get(key)):
+            target = ctx.record.resolve(ref, within=resource)
+            if target is not None and target.get("resourceType") == "MedicationRequest":
+                found.append(target)
+    return found
+
+
+def _other_indication(ctx: FactContext, resource: Resource, target: list[str], other: list[str]) -> str | None:
+    """Another indication stated on the resource, or on the prescription it fills / is based on (a dispense
+    carries no reasonCode of its own: the prescription's "for smoking cessation" is its purpose too)."""
+    for holder in (resource, *_prescriptions_of(ctx, resource)):
+        found = other_indication(ctx, holder, target, other)
+        if found is not None:
+            return found
+    return None
+
+
 # --- exposures ------------------------------------------------------------------------------------------------
 @dataclass
 class Exposure:
@@ -151,6 +172,8 @@ def exposure_of(ctx: FactContext, resource: Resource, reason_vs: str | None) -> 
             if days:
                 total = int(days * (1 + (repeats if isinstance(repeats, int) else 0)))
                 end = DateSpan(start.low + timedelta(days=total), start.high + timedelta(days=total))
+        if state == "active" and end is not None and end.high > ctx.today:
+            end = None  # refills still allowed are future supply, not days of the trial: it runs until today
         ongoing = state == "active" and end is None
         return Exposure(
             resource, start, end, ongoing, daily_dose_mg(as_list(resource.get("dosageInstruction")), strength),
@@ -303,7 +326,7 @@ def treatment_trials(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
             found += [("augmentation", d) for d in medication_classes(ctx, resource, aug_classes)]
             if not found:
                 continue
-            if other and (why := other_indication(ctx, resource, depression, other)) is not None:
+            if other and (why := _other_indication(ctx, resource, depression, other)) is not None:
                 left_out.append(f"{reference_of(resource)} (for {why})")
                 continue
             exposure = exposure_of(ctx, resource, reason_vs)
@@ -589,13 +612,15 @@ def current_medications(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
         found = medication_classes(ctx, resource, classes)
         if not found:
             continue
-        if other and other_indication(ctx, resource, target, other) is not None:
+        if other and _other_indication(ctx, resource, target, other) is not None:
             continue
         if not is_draft and resource.get("resourceType") != "MedicationStatement":
             issued, _ = first_span(resource, ("whenHandedOver", "authoredOn"))
             stopped = max((stops.get(d.ingredient) or date.min for d in found), default=date.min)
             if issued is not None and stopped >= issued.high:
-                continue  # a MedicationStatement documents that it was stopped after this fill / prescription
+                continue  # documented as stopped / held after this fill or prescription
+            if any(status(rx) in _NOT_TAKEN_NOW for rx in _prescriptions_of(ctx, resource)):
+                continue  # the prescription this dispense filled is on hold, stopped or cancelled
         if params.get("route_oral") and not _oral_or_unstated(ctx, resource, params["route_oral"]):
             continue
         current, how = _is_current(
@@ -617,8 +642,13 @@ def current_medications(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     return ctx.make_fact(fact.name, items, fact.reads)
 
 
+_NOT_TAKEN_NOW = frozenset({"on-hold", "stopped", "cancelled", "entered-in-error"})
+
+
 def _documented_stops(ctx: FactContext, classes: Mapping[str, str], today: date) -> dict[str, date]:
-    """Ingredient → the latest date a MedicationStatement says the patient stopped taking it (before today)."""
+    """Ingredient → the latest date the record says the patient stopped (or was told to hold) it: a completed /
+    stopped MedicationStatement's end, or a MedicationRequest put on hold or stopped (its authoredOn, or the
+    last update when it carries one)."""
     stops: dict[str, date] = {}
     for statement in ctx.record.of_type("MedicationStatement"):
         if status(statement) not in ("completed", "stopped"):
@@ -628,6 +658,14 @@ def _documented_stops(ctx: FactContext, classes: Mapping[str, str], today: date)
             continue
         for drug in medication_classes(ctx, statement, classes):
             stops[drug.ingredient] = max(stops.get(drug.ingredient, date.min), end.low)
+    for request in ctx.record.of_type("MedicationRequest"):
+        if status(request) not in ("on-hold", "stopped"):
+            continue
+        when, _ = first_span(request, ("meta.lastUpdated", "authoredOn"))
+        if when is None or when.low > today:
+            continue
+        for drug in medication_classes(ctx, request, classes):
+            stops[drug.ingredient] = max(stops.get(drug.ingredient, date.min), when.low)
     return stops
 
 

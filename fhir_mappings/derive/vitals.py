@@ -66,7 +66,7 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
         if is_panel(code):
             values: dict[str, tuple[Any, str | None, str]] = {}
             for part, selects in (("systolic", is_sys), ("diastolic", is_dia)):
-                for reading in readings(obs, selects, resolve, panel=is_panel):
+                for reading in readings(obs, selects, resolve):  # components, hasMember members
                     if part not in values:
                         value, doubt = _pressure(reading)
                         values[part] = (value, doubt, reading.path)
@@ -167,7 +167,18 @@ def specialist_clearances(ctx: FactContext, params: Mapping[str, Any], fact: Der
         match = ctx.match(params["clearance"], [dict(code)])
         if match is None:
             continue
-        said = ctx.polarity(polarity, own_value(obs))
+        reading = own_value(obs)
+        said = ctx.polarity(polarity, reading)
+        if said.value is None and reading.text:
+            # narrative result ("Not cleared - defer ketamine until EVAR"): a clearance it negates is none; one it
+            # affirms stays undetermined (text-only)
+            negated = [
+                f
+                for vs in (params["clearance"], *polarity.positive)
+                if (f := ctx.registry.get(vs).find_in_text(reading.text)) is not None
+            ]
+            if negated and all(f.assertion.value == "negated" for f in negated):
+                continue
         if said.value is False:
             continue  # documented as NOT cleared: no clearance
         roles, who = roles_of(obs, as_list(obs.get("performer")))

@@ -139,6 +139,7 @@ def readings(
     own_selected = isinstance(code, Mapping) and selects(code)
     if own_selected:
         yield own_value(observation)
+    found_inside = False
     for i, component in enumerate(as_list(observation.get("component"))):
         if not isinstance(component, Mapping):
             continue
@@ -146,6 +147,7 @@ def readings(
         if isinstance(ccode, Mapping) and selects(ccode):
             reading = own_value(component, f"component[{i}].")
             if reading.kind != "none":
+                found_inside = True
                 yield Reading(
                     observation,
                     reading.path,
@@ -164,6 +166,7 @@ def readings(
             if isinstance(mcode, Mapping) and selects(mcode):
                 reading = own_value(member)
                 if reading.kind != "none":
+                    found_inside = True
                     yield Reading(
                         member,
                         f"hasMember[{i}]→{reading.path}",
@@ -172,6 +175,12 @@ def readings(
                         reading.interpretation,
                         reading.reference_range,
                     )
+    if is_panel and not own_selected and not found_inside:
+        # A panel code carrying the result itself (a PHQ-9 "panel" 44249-1 with valueInteger 19, as some
+        # EHRs and the HL7 Health Care Surveys IG send it): read its own value.
+        reading = own_value(observation)
+        if reading.kind not in ("none",):
+            yield reading
 
 
 def interpretation_codes(element: Mapping[str, Any]) -> frozenset[str]:
