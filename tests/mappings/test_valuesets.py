@@ -425,7 +425,7 @@ def test_label_short_names() -> None:
 
 
 def test_search_codes_are_exact_codes_only(registry: ValueSetRegistry) -> None:
-    assert registry.get("obs_phq9_total").search_codes() == [(LOINC, "44261-6")]
+    assert registry.get("obs_phq9_total").search_codes() == [(LOINC, "44261-6"), (LOINC, "89204-2")]
     mdd = registry.get("dx_mdd").search_codes()
     assert (SNOMED, "370143000") in mdd
     assert not any(system == ICD10CM for system, _ in mdd)  # ICD part is a prefix include
