@@ -27,7 +27,7 @@ from fhir_mappings.model import (
 from fhir_mappings.orders import OrderGroup
 from fhir_mappings.policy import Criterion, Phase, Policy
 from fhir_mappings.record import Availability, PatientRecord
-from fhir_mappings.rules import Verdict
+from fhir_mappings.rules import Rule, Verdict
 
 
 def _checked(criterion: Criterion, ctx: FactContext) -> str:
@@ -87,7 +87,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
 
     if criterion.kind is CriterionKind.REQUIREMENT:
         assert criterion.met_when is not None
-        met = criterion.met_when.evaluate(ctx)
+        met = _strictly(criterion.met_when, ctx)
         if met.value is True:
             return result(Status.MET, met)
         if met.value is False and criterion.not_met_when is not None:
@@ -103,7 +103,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
     holds = criterion.holds_when.evaluate(ctx)
     if holds.value is True:
         if criterion.lifted_by is not None:
-            lifted = criterion.lifted_by.evaluate(ctx)
+            lifted = _strictly(criterion.lifted_by, ctx)
             if lifted.value is True:
                 return result(
                     Status.NOT_MET,
@@ -121,7 +121,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
             return result(Status.MET, holds, f"present, no {criterion.clearance} clearance on record")
         return result(Status.MET, holds, "present")
     if holds.value is None and criterion.lifted_by is not None:
-        lifted = criterion.lifted_by.evaluate(ctx)
+        lifted = _strictly(criterion.lifted_by, ctx)
         if lifted.value is True:
             return result(
                 Status.NOT_MET, holds, f"lifted by documented {criterion.clearance} clearance", cleared=lifted.evidence
@@ -134,6 +134,17 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
             Status.UNKNOWN, holds, _checked(criterion, ctx), criterion.ask or "Document whether this applies."
         )
     return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
+
+
+def _strictly(rule: Rule, ctx: FactContext) -> Verdict:
+    """Evaluate a conclusion that moves toward authorization (a requirement met, an exclusion lifted): evidence
+    recognised only from text counts as unknown there (issue 8: where text is the only evidence, prefer unknown
+    with the text quoted over met)."""
+    ctx.strict = True
+    try:
+        return rule.evaluate(ctx)
+    finally:
+        ctx.strict = False
 
 
 def _unique(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:

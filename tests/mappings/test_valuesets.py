@@ -62,10 +62,10 @@ encounter_class_hospital_office encounter_class_home location_type_hospital_offi
 reason_ineffective
 obs_phq2_total obs_pregnancy_test_qualitative obs_pregnancy_test_quantitative obs_medication_adherence_reported
 ans_medication_adherent ans_medication_nonadherent ans_negative ans_indeterminate ans_not_pregnant ans_possibly_pregnant
-ans_unknown ans_not_breastfeeding ans_pregnancy_intent_no ans_pregnancy_intent_unsure ans_yes ans_no ans_declined
+ans_unknown ans_not_breastfeeding ans_no_pregnancy_intent ans_pregnancy_intent_unsure ans_yes ans_no ans_declined
 ans_not_cleared interp_positive interp_negative interp_indeterminate interp_high interp_low interp_abnormal
 interp_normal prac_aprn_psychiatric dx_non_depression_indication dx_ketamine_nonpsychiatric_indication
-proc_anesthesia_sedation encounter_class_emergency encounter_class_inpatient encounter_type_emergency
+proc_anaesthesia_sedation encounter_class_emergency encounter_class_inpatient encounter_type_emergency
 location_type_emergency
 location_type_procedural
 """)
@@ -793,7 +793,7 @@ def _codes(registry: ValueSetRegistry, vs_id: str) -> set[tuple[str, str]]:
         ["ans_yes", "ans_no"],
         ["ans_pregnant", "ans_not_pregnant", "ans_possibly_pregnant", "ans_unknown"],
         ["ans_breastfeeding", "ans_not_breastfeeding"],
-        ["ans_wants_pregnancy", "ans_pregnancy_intent_no", "ans_pregnancy_intent_unsure"],
+        ["ans_wants_pregnancy", "ans_no_pregnancy_intent", "ans_pregnancy_intent_unsure"],
         ["ans_medication_adherent", "ans_medication_nonadherent"],
         ["interp_positive", "interp_negative", "interp_indeterminate", "interp_high", "interp_low", "interp_normal"],
     ],
@@ -878,7 +878,7 @@ def test_other_indications_are_not_depression(registry: ValueSetRegistry) -> Non
         assert mdd.match_coding(coding(ICD10CM, code)) is None, code
     for code in ("F33.2", "F32.9", "F41.1", "F42.2", "F43.10"):  # depression, and the ambiguous anxiety/OCD/PTSD
         assert other.match_coding(coding(ICD10CM, code)) is None, code
-    assert other.match_text("amitriptyline 10 mg at night for migraine prophylaxis") is not None
+    assert other.match_text("amitriptyline 10 mg at night for migraine") is not None
 
 
 def test_ketamine_nonpsychiatric_reasons_exclude_psychiatric_ones(registry: ValueSetRegistry) -> None:
@@ -887,7 +887,7 @@ def test_ketamine_nonpsychiatric_reasons_exclude_psychiatric_ones(registry: Valu
         assert nonpsych.match_coding(coding(ICD10CM, code)) is not None, code
     for code in ("R45.851", "F33.2", "F32.A", "F43.10"):
         assert nonpsych.match_coding(coding(ICD10CM, code)) is None, code
-    sedation = registry.get("proc_anesthesia_sedation")
+    sedation = registry.get("proc_anaesthesia_sedation")
     for system, code in ((CPT, "99152"), (SNOMED, "314271007"), (SNOMED, "50697003")):
         assert sedation.match_coding(coding(system, code)) is not None, code
     assert sedation.match_coding(coding(CPT, "96365")) is None  # the IV-ketamine infusion itself is not sedation
@@ -909,7 +909,8 @@ med_augment_atypical_antipsychotic med_augment_t3
 """)
 DOSE_ROW_KEYS = frozenset(
     _words(
-        "rxcui name class role valueset min_daily_mg route min_serum_meq_l source verification other_indication note"
+        "rxcui name class role valueset min_daily_mg route min_serum_meq_l source source_keys verification"
+        " other_indication note"
     )
 )
 
@@ -922,19 +923,39 @@ def doses() -> dict:
         return yaml.safe_load(fh)
 
 
+def test_dose_table_loads_with_the_engine_loader() -> None:
+    from fhir_mappings.doses import load_dose_table
+
+    table = load_dose_table(DOSING_FILE.stem)
+    sertraline = table.minimum("36437", None, "antidepressant")
+    assert sertraline is not None and sertraline.min_daily_mg == 50 and "ATRQ" in sertraline.source
+    assert sertraline.note == ""  # never the string "None"
+    salt = table.minimum(None, "lithium carbonate 300 MG Oral Capsule", "augmentation")
+    assert salt is not None and salt.min_daily_mg == 600
+    gap = table.minimum("1040028", None, "augmentation")  # lurasidone: a row without a dose -> unknown
+    assert gap is not None and gap.min_daily_mg is None and gap.source.startswith("GAP")
+    assert table.minimum("51272", None, "antidepressant") is None  # quetiapine is only an augmenting agent here
+
+
+def _dose_rows(doses: dict) -> list[dict]:
+    return [*doses["ingredients"], *doses["name_only_ingredients"]]
+
+
 def test_dose_table_rows_are_regular_and_sourced(doses: dict, registry: ValueSetRegistry) -> None:
     assert doses["version"] == 1
     sources = doses["sources"]
-    for row in doses["ingredients"]:
+    for row in _dose_rows(doses):
         assert set(row) == DOSE_ROW_KEYS, row["name"]
         assert row["role"] in {"antidepressant", "augmentation"}, row["name"]
         assert row["verification"] in {"verified", "secondary", "unverified", "gap"}, row["name"]
-        assert all(key in sources for key in row["source"]), row["name"]
+        assert isinstance(row["source"], str) and row["source"].strip(), row["name"]
+        assert isinstance(row["note"], str), row["name"]
+        assert all(key in sources for key in row["source_keys"]), row["name"]
         dose = row["min_daily_mg"]
         if row["verification"] == "gap":
-            assert dose is None and row["source"] == [], row["name"]
+            assert dose is None and row["source_keys"] == [] and row["source"].startswith("GAP"), row["name"]
         else:
-            assert isinstance(dose, (int, float)) and dose > 0 and row["source"], row["name"]
+            assert isinstance(dose, (int, float)) and dose > 0 and row["source_keys"], row["name"]
         vs = registry.get(row["valueset"])
         if row["rxcui"] is not None:
             assert isinstance(row["rxcui"], str)
@@ -943,6 +964,8 @@ def test_dose_table_rows_are_regular_and_sourced(doses: dict, registry: ValueSet
             assert vs.match_text(row["name"]) is not None, row["name"]
         if row["min_serum_meq_l"] is not None:
             assert row["class"] == "lithium"
+    assert all(row["rxcui"] is not None for row in doses["ingredients"])  # the loader needs one
+    assert all(row["rxcui"] is None for row in doses["name_only_ingredients"])
 
 
 def test_dose_table_covers_every_antidepressant_and_augmenting_drug(doses: dict, registry: ValueSetRegistry) -> None:
@@ -954,11 +977,12 @@ def test_dose_table_covers_every_antidepressant_and_augmenting_drug(doses: dict,
         if code not in rows
     ]
     assert missing == []
-    by_name = {row["name"]: row for row in doses["ingredients"]}
+    by_name = {row["name"]: row for row in _dose_rows(doses)}
     assert by_name["sertraline"]["min_daily_mg"] == 50 and by_name["venlafaxine"]["min_daily_mg"] == 150
     assert by_name["amitriptyline"]["min_daily_mg"] == 150 and by_name["trazodone"]["min_daily_mg"] == 300
     assert by_name["quetiapine"]["min_daily_mg"] == 150 and by_name["selegiline"]["route"] == "transdermal"
     assert by_name["lithium"]["min_serum_meq_l"] == 0.5 and by_name["liothyronine"]["min_daily_mg"] == 0.025
+    assert {"amoxapine", "maprotiline"} <= set(by_name)
 
 
 def test_ketamine_dose_bands_and_context_codes(doses: dict, registry: ValueSetRegistry) -> None:
@@ -969,4 +993,5 @@ def test_ketamine_dose_bands_and_context_codes(doses: dict, registry: ValueSetRe
     bands = {(b["purpose"], b["route"]): b for b in ket["dose_bands"]}
     psych, anaesthesia = bands[("psychiatric", "intravenous")], bands[("anesthesia", "intravenous")]
     assert psych["dose_mg_per_kg"]["typical"] == 0.5 and anaesthesia["dose_mg_per_kg"]["min"] == 1.0
-    assert all(key in doses["sources"] for b in ket["dose_bands"] for key in b["source"])
+    assert all(key in doses["sources"] for b in ket["dose_bands"] for key in b["source_keys"])
+    assert all(key in doses["sources"] for p in doses["product_notes"] for key in p["source_keys"])
