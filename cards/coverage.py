@@ -22,7 +22,6 @@ CRD 2.2 adds, on top of the same outcome mapping (CoverageInformation.fsh at 2.2
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
@@ -103,24 +102,14 @@ def assertion_for(decision: Decision) -> Assertion | None:
 
 # ---------------------------------------------------------------------------------- unavailable data (2.2)
 
-# The engine says which of a criterion's resource types were not (fully) read at the end of an unknown
-# criterion's explanation: "checked 0 Observation; not fully available: Observation". That is the only place the
-# Decision tells unknown-because-unavailable apart from unknown-because-undocumented (Fact.state UNAVAILABLE is
-# also used for "roles unknown" / "no clinic on the order", which are undocumented, not technical). A
-# `CriterionResult.unavailable` tuple of resource types (proposed) wins when the engine provides it.
-_NOT_AVAILABLE = re.compile(r"not fully available: ([A-Z][A-Za-z]*(?:, [A-Z][A-Za-z]*)*)\s*$")
-
 
 def unavailable_data(result: CriterionResult) -> tuple[str, ...]:
-    """The resource types an unknown criterion needed but could not read; () when it is unknown because the
-    record does not document it (or it is not unknown, or the policy leaves it to case review)."""
+    """The resource types an unknown criterion needed but could not read (`CriterionResult.unavailable`, set by
+    the engine); () when it is unknown because the record does not document it, or the policy leaves it to
+    case review, or it is not unknown."""
     if result.status is not Status.UNKNOWN or result.case_by_case:
         return ()
-    explicit = getattr(result, "unavailable", None)
-    if explicit is not None:
-        return tuple(str(t) for t in explicit)
-    match = _NOT_AVAILABLE.search(result.explanation or "")
-    return tuple(match.group(1).split(", ")) if match else ()
+    return result.unavailable
 
 
 def technical_gaps(decision: Decision) -> list[CriterionResult]:

@@ -30,6 +30,11 @@ from fhir_mappings.record import Availability, PatientRecord
 from fhir_mappings.rules import Rule, Verdict
 
 
+def _unread(criterion: Criterion, ctx: FactContext) -> tuple[str, ...]:
+    """The resource types the criterion reads that were not fully read."""
+    return tuple(t for t in sorted(criterion.reads) if ctx.record.availability(t) is not Availability.READ)
+
+
 def _checked(criterion: Criterion, ctx: FactContext) -> str:
     """What was looked at, e.g. "checked 14 Condition, 31 Observation (all read)"."""
     types = sorted(criterion.reads)
@@ -55,6 +60,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         missing: str = "",
         cleared: tuple[Evidence, ...] = (),
         case_by_case: bool = False,
+        unavailable: tuple[str, ...] = (),
     ) -> CriterionResult:
         suggestion = criterion.suggestion
         clearable = criterion.lifted_by is not None
@@ -72,6 +78,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
             cleared_by=cleared,
             case_by_case=case_by_case,
             clearable=clearable,
+            unavailable=unavailable,
             suggestion=(
                 {"label": suggestion.label, "resource": suggestion.resource_type, "code": dict(suggestion.code)}
                 if suggestion is not None and status is Status.UNKNOWN
@@ -97,7 +104,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         reviewed = review()
         if reviewed is not None:
             return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
-        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask)
+        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask, unavailable=_unread(criterion, ctx))
 
     assert criterion.holds_when is not None
     holds = criterion.holds_when.evaluate(ctx)
@@ -131,7 +138,11 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
     if holds.value is None:
         return result(
-            Status.UNKNOWN, holds, _checked(criterion, ctx), criterion.ask or "Document whether this applies."
+            Status.UNKNOWN,
+            holds,
+            _checked(criterion, ctx),
+            criterion.ask or "Document whether this applies.",
+            unavailable=_unread(criterion, ctx),
         )
     return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
 

@@ -717,7 +717,8 @@ class FactContext:
             span, date_path = self.span(resource, shape.date)
             end_span, _ = self.span(resource, shape.end) if shape.end else (None, None)
             fields: dict[str, Any] = {
-                "end": end_span.high if end_span else None,
+                # an end date (abatement) as a (earliest, latest) pair when partial: windows decide at both ends
+                "end": (end_span.low if end_span.exact else (end_span.low, end_span.high)) if end_span else None,
                 "status": _status_of(_as_filtered(resource)),
             }
             for fname, paths in definition.fields.items():

@@ -106,6 +106,9 @@ class CriterionResult:
     case_by_case: bool = False  # the policy leaves it to individual review: needs documentation, not a guess
     clearable: bool = False  # an exclusion the policy lets documented specialist clearance lift
     suggestion: Mapping[str, Any] | None = None  # {"label", "resource", "code"}: an order that would help
+    # Resource types the criterion needed but could not (fully) read, when that is why it is unknown: a
+    # technical gap (CRD 2.2 `indeterminate`), not missing documentation.
+    unavailable: tuple[str, ...] = ()
 
     def evidence_refs(self) -> list[str]:
         refs: list[str] = []

@@ -3,7 +3,7 @@
 A rule is a small YAML/JSON structure an informaticist can read next to the policy text:
 
     all / any: [rule, ...]            not: rule
-    exists: FACT  [where: COND] [absent: unknown] [after: {fact: FACT, where: COND}]
+    exists: FACT  [where: COND] [absent: unknown] [after: {fact: FACT, where: COND} or a list of them]
     count: FACT   [where: COND]  ">=": 4          (also >, <=, <, ==)
     distinct: FACT field: NAME [where: COND] ">=": 2
     latest: FACT  [where: COND]  then: COND [absent: unknown]
@@ -289,9 +289,12 @@ class _After:
     where: Cond
 
     def bound(self, src: FactSource) -> tuple[date, date] | None:
-        """(earliest, latest) day the latest matching item can be dated to; None without a dated item."""
-        items, _ = _partition(src.fact(self.fact_name), self.where, src)
-        dated = [i for i in items if i.date is not None]
+        """(earliest, latest) day the latest item that matches — or may match — can be dated to; None without a
+        dated one. A clearance must postdate every possible trigger, not only the certain ones."""
+        fact = src.fact(self.fact_name)
+        items, maybe = _partition(fact, self.where, src)
+        doubtful = [i for i in _items(fact) if not i.certain]  # its values may be wrong: it may be a trigger
+        dated = [i for i in (*items, *maybe, *doubtful) if i.date is not None]
         if not dated:
             return None
         return max(i.date for i in dated if i.date), max(i.latest_date for i in dated if i.latest_date)
@@ -303,13 +306,14 @@ class _Exists(Rule):
     where: Cond
     absent_unknown: bool
     facts: frozenset[str] = frozenset()
-    after: _After | None = None
+    after: tuple[_After, ...] = ()
 
     def evaluate(self, src: FactSource) -> Verdict:
         fact = src.fact(self.fact_name)
         true_items, unknown_items = _partition(fact, self.where, src)
-        if self.after is not None:
-            bound = self.after.bound(src)
+        bounds = [b for b in (a.bound(src) for a in self.after) if b is not None]
+        if bounds:
+            bound = (max(b[0] for b in bounds), max(b[1] for b in bounds))  # after the latest of them all
             if bound is not None:
                 earliest, latest = bound
                 # Surely after: the item's earliest day is on/after every day the bound can be. Possibly after:
@@ -374,19 +378,35 @@ class _Latest(Rule):
 
     def evaluate(self, src: FactSource) -> Verdict:
         fact = src.fact(self.fact_name)
-        true_items, _unknown = _partition(fact, self.where, src)
+        true_items, unknown_items = _partition(fact, self.where, src)
         dated = [i for i in true_items if i.date is not None]
         if not dated:
-            if not _complete(fact) or self.absent_unknown or true_items:
-                return Verdict.of(None, true_items)
+            if (
+                unknown_items
+                and not true_items
+                and _complete(fact)
+                and not self.absent_unknown
+                and all(i.certain and self.then.test(i, src.today) is False for i in unknown_items)
+            ):
+                # Items that may or may not match `where` (a partial date at a window's edge), each saying "no":
+                # whether they match or not, the answer is no.
+                return Verdict.of(False, unknown_items)
+            if not _complete(fact) or self.absent_unknown or true_items or unknown_items:
+                return Verdict.of(None, [*true_items, *unknown_items])
             return Verdict(False)
         latest = max(dated, key=lambda i: (i.latest_date or date.min, i.date or date.min))
-        # Items whose dates could fall after the latest one's earliest day might be the real latest: the answer
-        # stands only when every such candidate gives it.
-        candidates = [i for i in dated if (i.latest_date or date.min) >= (latest.date or date.min)]
-        answers = [self.then.test(i, src.today) for i in candidates]
+        # Any item that could be the real latest — a certain one whose date may fall later, or one that may match
+        # `where` (uncertain evidence, a partial date at the window's edge) dated on or after it — must give the
+        # same answer; an item that may match is never taken to give it.
+        contenders = [i for i in dated if (i.latest_date or date.min) >= (latest.date or date.min)]
+        doubtful = [
+            i for i in unknown_items if i.date is None or (i.latest_date or date.min) >= (latest.date or date.min)
+        ]
+        answers = [self.then.test(i, src.today) for i in contenders]
         value = answers[0] if all(a == answers[0] for a in answers) else None
-        return Verdict.of(value, candidates)
+        if doubtful and value is not None and not all(self.then.test(i, src.today) == value for i in doubtful):
+            value = None
+        return Verdict.of(value, [*contenders, *doubtful])
 
 
 @dataclass(frozen=True)
@@ -506,15 +526,17 @@ def compile_rule(node: Any, ctx: CompileContext, path: str | None = None) -> Rul
     if "exists" in node:
         _only_keys(node, {"exists", "where", "absent", "after"}, path)
         name = _fact_name(node, "exists", ctx, path)
-        after = None
-        if "after" in node:
-            spec = node["after"]
+        afters: list[_After] = []
+        specs = node.get("after", [])
+        for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
+            where_at = f"{path}.after" + (f"[{i}]" if isinstance(specs, list) else "")
             if not isinstance(spec, Mapping) or "fact" not in spec or set(spec) - {"fact", "where"}:
-                raise RuleError(f"{path}.after: needs 'fact' (and optionally 'where')")
-            after_fact = _fact_name(spec, "fact", ctx, f"{path}.after")
-            after_where = compile_cond(spec["where"], ctx, f"{path}.after.where") if "where" in spec else _TrueCond()
-            after = _After(after_fact, after_where)
-        facts = frozenset({name} | ({after.fact_name} if after else set()))
+                raise RuleError(f"{where_at}: needs 'fact' (and optionally 'where')")
+            after_fact = _fact_name(spec, "fact", ctx, where_at)
+            after_where = compile_cond(spec["where"], ctx, f"{where_at}.where") if "where" in spec else _TrueCond()
+            afters.append(_After(after_fact, after_where))
+        after = tuple(afters)
+        facts = frozenset({name} | {a.fact_name for a in after})
         return _Exists(name, where, absent_unknown, facts, after)
     if "count" in node or "distinct" in node:
         key = "count" if "count" in node else "distinct"

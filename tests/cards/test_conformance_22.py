@@ -20,7 +20,7 @@ UNREAD = "checked 0 MedicationDispense; not fully available: MedicationDispense"
 
 
 def _decisions() -> list[Decision]:
-    trials_unread = replace(fx.TRIALS_UNKNOWN, explanation=UNREAD)
+    trials_unread = replace(fx.TRIALS_UNKNOWN, explanation=UNREAD, unavailable=("MedicationDispense",))
     technical = replace(
         fx.documentation_needed(),
         order_refs=("MedicationRequest/mr-2",),

@@ -4,7 +4,7 @@ the plan-not-recognised assertion — and CRD 2.0 rendering untouched by any of 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,7 @@ import pytest
 from cards import build_response, conformance_problems
 from cards.coverage import COVERAGE_INFORMATION_URL, unavailable_data
 from fhir_mappings.engine import evaluate_policy
-from fhir_mappings.model import CriterionResult, Decision, Status
+from fhir_mappings.model import Decision, Status
 from fhir_mappings.policies.test_policy_cases import build_case, engine_for
 from fhir_mappings.record import Availability, QueryOutcome
 from tests.cards import fixtures as fx
@@ -22,13 +22,7 @@ from tests.cards import fixtures as fx
 POLICIES = Path(__file__).parents[2] / "fhir_mappings/policies"
 TECHNICAL = {"system": "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp", "code": "technical"}
 UNREAD = "checked 3 MedicationStatement, 0 MedicationDispense; not fully available: MedicationDispense"
-
-
-@dataclass(frozen=True)
-class ResultWithUnavailable(CriterionResult):
-    """CriterionResult plus the proposed `unavailable` field (resource types that could not be read)."""
-
-    unavailable: tuple[str, ...] = ()
+UNREAD_TYPES = ("MedicationDispense",)
 
 
 def respond(decisions: list[Decision], version: str = "2.2", **kw: Any) -> dict[str, Any]:
@@ -91,25 +85,37 @@ def test_an_unknown_version_is_a_programming_error() -> None:
 
 
 def with_unread_trials(decision: Decision, explanation: str = UNREAD) -> Decision:
-    criteria = tuple(replace(c, explanation=explanation) if c is fx.TRIALS_UNKNOWN else c for c in decision.criteria)
+    criteria = tuple(
+        replace(c, explanation=explanation, unavailable=UNREAD_TYPES) if c is fx.TRIALS_UNKNOWN else c
+        for c in decision.criteria
+    )
     return replace(decision, criteria=criteria)
 
 
-def test_engine_explanation_tells_unread_from_undocumented() -> None:
-    assert unavailable_data(replace(fx.TRIALS_UNKNOWN, explanation=UNREAD)) == ("MedicationDispense",)
+def test_the_engine_field_tells_unread_from_undocumented() -> None:
+    assert unavailable_data(replace(fx.TRIALS_UNKNOWN, unavailable=UNREAD_TYPES)) == ("MedicationDispense",)
     assert unavailable_data(fx.TRIALS_UNKNOWN) == ()  # "2 adequate trials found": simply not documented
     assert unavailable_data(fx.SEVERITY_UNKNOWN) == ()  # "checked 12 Observation (all read)"
-    assert unavailable_data(replace(fx.AGE_MET, explanation=UNREAD)) == ()  # only an unknown can be unread
-    case_review = replace(fx.TRIALS_UNKNOWN, explanation=UNREAD, case_by_case=True)
+    assert unavailable_data(replace(fx.AGE_MET, unavailable=UNREAD_TYPES)) == ()  # only an unknown can be unread
+    case_review = replace(fx.TRIALS_UNKNOWN, unavailable=UNREAD_TYPES, case_by_case=True)
     assert unavailable_data(case_review) == ()  # the policy leaves it to review: determined as such
 
 
-def test_the_proposed_unavailable_field_wins_over_the_explanation() -> None:
-    base = dataclasses.asdict(fx.TRIALS_UNKNOWN)
-    said = ResultWithUnavailable(**{**base, "explanation": "2 adequate trials found", "unavailable": ("Observation",)})
-    assert unavailable_data(said) == ("Observation",)
-    denied = ResultWithUnavailable(**{**base, "explanation": UNREAD, "unavailable": ()})
-    assert unavailable_data(denied) == ()
+def test_the_engine_sets_unavailable_only_for_unread_types() -> None:
+    """The real engine: a criterion unknown because its data was not read names those types; one unknown
+    because the record does not document it names none."""
+    from fhir_mappings.engine import evaluate_policy
+    from fhir_mappings.policies.test_policy_cases import HERE, build_case, engine_for
+
+    for name, expected in (("observations-unavailable", ("Observation",)), ("no-phq9-in-30-days", ())):
+        path = HERE / "mgbhp-031.cases" / f"{name}.json"
+        _case, record, policy_id = build_case(path)
+        engine = engine_for(path.parent)
+        group = engine.classifier.classify(record.draft_orders)[0]
+        decision = evaluate_policy(engine.policies[policy_id], record, group, coverage_ref=None, version="t")
+        assert decision is not None
+        severity = next(c for c in decision.criteria if c.id == "initial-3-severity")
+        assert severity.status is Status.UNKNOWN and unavailable_data(severity) == expected, name
 
 
 def test_mixed_unknowns_need_documentation_and_are_also_indeterminate() -> None:
@@ -140,7 +146,10 @@ def test_only_unread_unknowns_leave_documentation_indeterminate() -> None:
 
 def test_an_unread_exclusion_leaves_coverage_indeterminate() -> None:
     unread_exclusion = replace(
-        fx.PSYCHOSIS_UNKNOWN, case_by_case=False, explanation="checked 0 Condition; not fully available: Condition"
+        fx.PSYCHOSIS_UNKNOWN,
+        case_by_case=False,
+        explanation="checked 0 Condition; not fully available: Condition",
+        unavailable=("Condition",),
     )
     decision = replace(fx.documentation_needed(), criteria=(fx.AGE_MET, fx.MDD_MET, unread_exclusion))
     values = parts(respond([decision]))
@@ -151,13 +160,13 @@ def test_an_unread_exclusion_leaves_coverage_indeterminate() -> None:
 @pytest.mark.parametrize("name", ["criteria-not-met", "blocked"])
 def test_a_determined_outcome_stays_determined_whatever_could_not_be_read(name: str) -> None:
     decision = fx.all_decisions()[name]
-    unread = replace(fx.TRIALS_UNKNOWN, id="initial-9-other", explanation=UNREAD)
+    unread = replace(fx.TRIALS_UNKNOWN, id="initial-9-other", explanation=UNREAD, unavailable=UNREAD_TYPES)
     values = parts(respond([replace(decision, criteria=(*decision.criteria, unread))]))
     assert "indeterminate" not in values["covered"] + values.get("doc-needed", []) and not technical(values)
 
 
 def test_mp054_unread_data_keeps_its_conditional_prior_authorization() -> None:
-    unread = replace(fx.TRIALS_UNKNOWN, explanation=UNREAD)
+    unread = replace(fx.TRIALS_UNKNOWN, explanation=UNREAD, unavailable=UNREAD_TYPES)
     decision = replace(fx.documentation_needed(), policy=fx.UUHP, criteria=(fx.AGE_MET, unread))
     decision = replace(decision, policy=replace(fx.UUHP, prior_authorization="not-stated"))
     values = parts(respond([decision]))
