@@ -68,6 +68,8 @@ interp_normal prac_aprn_psychiatric dx_non_depression_indication dx_ketamine_non
 proc_anaesthesia_sedation encounter_class_emergency encounter_class_inpatient encounter_type_emergency
 location_type_emergency
 location_type_procedural
+obs_phq9_items ans_phq9_item_frequency obs_lithium_level obs_tsh obs_free_t4 obs_heart_rate allergy_none_known
+dx_no_pregnancy_potential dx_contraception
 """)
 
 LOCAL_DEFAULT_IDS = _words("""
@@ -995,3 +997,46 @@ def test_ketamine_dose_bands_and_context_codes(doses: dict, registry: ValueSetRe
     assert psych["dose_mg_per_kg"]["typical"] == 0.5 and anaesthesia["dose_mg_per_kg"]["min"] == 1.0
     assert all(key in doses["sources"] for b in ket["dose_bands"] for key in b["source_keys"])
     assert all(key in doses["sources"] for p in doses["product_notes"] for key in p["source_keys"])
+
+
+# -- codes the issue-8 fidelity corpus sends that had no value set -------------------------------------------------
+
+
+def test_phq9_items_are_the_nine_panel_members_with_scored_answers(registry: ValueSetRegistry) -> None:
+    items = registry.get("obs_phq9_items")
+    assert len(items) == 9
+    assert items.match_coding(coding(LOINC, "44260-8")) is not None  # item 9 is also obs_phq9_item9
+    for code in ("44261-6", "44249-1", "55758-7"):  # the total, the panel and PHQ-2 are not items
+        assert items.match_coding(coding(LOINC, code)) is None, code
+    answers = registry.get("ans_phq9_item_frequency")
+    assert {code for _system, code, _display in answers.concepts()} == {"LA6568-5", "LA6569-3", "LA6570-1", "LA6571-9"}
+
+
+def test_no_known_allergy_is_not_a_ketamine_allergy(registry: ValueSetRegistry) -> None:
+    none_known, ketamine = registry.get("allergy_none_known"), registry.get("allergy_ketamine")
+    for code in ("409137002", "716186003"):
+        assert none_known.match_coding(coding(SNOMED, code)) is not None, code
+        assert ketamine.match_coding(coding(SNOMED, code)) is None, code
+    assert none_known.match_text("NKDA") is not None
+
+
+def test_pregnancy_potential_sets_keep_possible_pregnancy_out(registry: ValueSetRegistry) -> None:
+    no_potential = registry.get("dx_no_pregnancy_potential")
+    assert no_potential.match_coding(coding(ICD10CM, "Z90.710")) is not None
+    for code in ("Z90.712", "Z90.721", "Z97.5", "Z33.1"):  # cervix only, one ovary, IUD, pregnant state
+        assert no_potential.match_coding(coding(ICD10CM, code)) is None, code
+    contraception = registry.get("dx_contraception")
+    assert contraception.match_coding(coding(ICD10CM, "Z97.5")) is not None
+    assert contraception.match_coding(coding(ICD10CM, "Z30.011")) is not None
+    assert contraception.match_coding(coding(ICD10CM, "Z90.710")) is None
+
+
+def test_lab_and_vital_sets_hold_the_codes_the_corpus_sends(registry: ValueSetRegistry) -> None:
+    for vs_id, code in (
+        ("obs_lithium_level", "14334-7"),
+        ("obs_tsh", "3016-3"),
+        ("obs_free_t4", "3024-7"),
+        ("obs_heart_rate", "8867-4"),
+    ):
+        assert registry.get(vs_id).match_coding(coding(LOINC, code)) is not None, vs_id
+    assert registry.get("obs_tsh").match_coding(coding(LOINC, "3024-7")) is None
