@@ -17,6 +17,7 @@ from cds_service.auth import Caller, fhir_server_allowed
 from cds_service.errors import Issue, ServiceError
 from cds_service.hook_request import HookRequest, parse_json, validate_orders_fhir, validate_request
 from cds_service.prefetch import FhirAccess, gather_record
+from cds_service.tolerances import apply_tolerances
 from fhir_mappings.model import Decision
 from fhir_mappings.record import reference_key
 
@@ -41,6 +42,7 @@ class HookOutcome:
 
 def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) -> HookOutcome:
     body = parse_json(raw)
+    body = apply_tolerances(body) if state.config.lenient else body  # --lenient: what real clients send, as R4
     req = validate_request(body, lenient=state.config.lenient)
     groups = state.mappings.triage(req.draft_orders, _known_medications(req))
     if not groups:
