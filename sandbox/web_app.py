@@ -29,6 +29,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import date
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -139,6 +140,50 @@ def format_links(links: Iterable[LaunchLink]) -> str:
         lines.append(f"{link.scenario_id}  (patient {link.patient_id}; scenario expects {link.expected})")
         lines.append(f"    {link.url}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- what the app's Rx Sign sends
+
+
+def rx_sign_draft_orders(patient_id: str, medication: AppMedication, authored_on: date) -> dict[str, Any]:
+    """`context.draftOrders` exactly as the app's Rx Sign builds it with its default instructions (1 pill daily,
+    30 days), quirks included: a single-object `category`, no `requester`/`performer`/route, a Bundle without
+    `type` (its `createFhirResource`; `tests/fixtures/recorded/` holds requests it really sent)."""
+    order = {
+        "resourceType": "MedicationRequest",
+        "id": "request-123",
+        "status": "draft",
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "authoredOn": authored_on.isoformat(),
+        "dosageInstruction": [
+            {
+                "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
+                "doseAndRate": [
+                    {"doseQuantity": {"value": 1, "system": "http://unitsofmeasure.org", "code": "{pill}"}}
+                ],
+            }
+        ],
+        "dispenseRequest": {
+            "expectedSupplyDuration": {"value": 30, "unit": "days", "system": "http://unitsofmeasure.org", "code": "d"}
+        },
+        "intent": "order",
+        "category": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category", "code": "community"}
+            ]
+        },
+        "medicationCodeableConcept": {
+            "text": medication.name,
+            "coding": [
+                {
+                    "display": medication.name,
+                    "system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                    "code": medication.rxcui,
+                }
+            ],
+        },
+    }
+    return {"resourceType": "Bundle", "entry": [{"resource": order}]}
 
 
 # ---------------------------------------------------------------------- the local build
