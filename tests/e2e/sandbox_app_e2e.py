@@ -77,6 +77,7 @@ class Visit:
     policy: str | None = None
     via_picker: str | None = None  # the patient's name in the Change Patient picker (first page only)
     override: bool = False  # dismiss with the card's first override reason
+    unknown: frozenset[str] | None = None  # exactly the criteria left unknown (what the card asks for)
 
     @property
     def label(self) -> str:
@@ -87,9 +88,28 @@ KETAMINE_10 = "ketamine 10 MG/ML Injectable Solution"
 VISITS: tuple[Visit, ...] = (
     # on the picker's first page: a non-ketamine order (no card), then ketamine for an MGB member with gaps
     Visit("ex-nk-patient", "Lithium Carbonate 300 MG Oral Tablet", "lithium carbonate 300", None, None, "Nora Example"),
-    Visit("sc-mdn", KETAMINE_10, "ketamine 10", "documentation-needed", "mgbhp-031", "Kevin O'Brien"),
+    # (its record lacks a recent PHQ-9 and a release of information; the app's order a route, location, performer)
+    Visit(
+        "sc-mdn",
+        KETAMINE_10,
+        "ketamine 10",
+        "documentation-needed",
+        "mgbhp-031",
+        "Kevin O'Brien",
+        unknown=frozenset(
+            {"iv-route", "initial-3-severity", "initial-6-setting-monitoring", "exclusion-16-ongoing-care-release"}
+        ),
+    ),
     # beyond the first page: the launch URLs `ketamine-cds sandbox server --open` prints
-    Visit("sc-mla", KETAMINE_10, "ketamine 10", "documentation-needed", "mgbhp-031"),
+    # (every clinical criterion documented: only what the app's order lacks stays unknown)
+    Visit(
+        "sc-mla",
+        KETAMINE_10,
+        "ketamine 10",
+        "documentation-needed",
+        "mgbhp-031",
+        unknown=frozenset({"iv-route", "initial-6-setting-monitoring"}),
+    ),
     Visit("sc-mpg", KETAMINE_10, "ketamine 10", "blocked", "mgbhp-031", override=True),
     Visit("sc-ukk", KETAMINE_10, "ketamine 10", "not-covered", "uuhp-mp-054"),
     Visit("sc-nocov", KETAMINE_10, "ketamine 10", "no-policy"),
@@ -425,8 +445,8 @@ class App:
 
     def card(self, summary: str) -> Any:
         xpath = f"//div[contains(@class, 'decision-card')][.//*[normalize-space()={json.dumps(summary)}]]"
-        card = self.visible(xpath)
-        self.driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", card)
+        self.visible(xpath)
+        self.driver.execute_script("window.scrollTo(0, 0);")  # the form, then the card from its summary down
         return xpath
 
     def dismiss(self, card_xpath: str, override: bool) -> str | None:
@@ -519,6 +539,10 @@ def _visit(app: App, service: ServiceUnderTest, visit: Visit, result: VisitResul
     result.summary, result.outcome, result.policy = card["summary"], decisions[0]["outcome"], decisions[0]["policy"]
     if (result.outcome, result.policy) != (visit.outcome, visit.policy):
         result.problems.append(f"expected {visit.policy} {visit.outcome}, got {result.policy} {result.outcome}")
+    criteria = card.get("extension", {}).get("ketamine-cds.decision", {}).get("criteria", [])
+    unknown = frozenset(c["id"] for c in criteria if c["status"] == "unknown")
+    if visit.unknown is not None and unknown != visit.unknown:
+        result.problems.append(f"unknown criteria {sorted(unknown)}, expected {sorted(visit.unknown)}")
     xpath = app.card(card["summary"])  # the card the service sent is what the browser shows
     app.screenshot(f"{visit.label}-card")
     result.override_reason = app.dismiss(xpath, visit.override)
