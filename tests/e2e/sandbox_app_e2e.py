@@ -422,7 +422,7 @@ class App:
             f"[contains(normalize-space(), {json.dumps('ID: ' + patient_id)})]"
         )
 
-    def sign(self, search: str, medication: str) -> None:
+    def choose_medication(self, search: str, medication: str) -> None:
         from selenium.webdriver.common.keys import Keys
 
         self.click("//button[normalize-space()='Rx Sign']")
@@ -441,6 +441,8 @@ class App:
         self.type_into(field, search, slowly=True)
         self.click(f"//div[contains(@class, 'MuiListItemButton')][normalize-space()={json.dumps(medication)}]")
         wait_for(lambda: self.value(field) == medication, f"{medication} to be chosen")
+
+    def press_sign(self) -> None:
         self.click("//button[normalize-space()='Sign Order']")
 
     def card(self, summary: str) -> Any:
@@ -513,15 +515,26 @@ def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         timings[phase] = time.perf_counter() - started
 
 
-def _new_call(service: ServiceUnderTest, before: int) -> dict[str, Any]:
-    calls = wait_for(lambda: service.hook_calls()[before:] or None, "the service to audit the order-sign call")
-    return calls[0]
+def _new_call(service: ServiceUnderTest, before: int, visit: Visit) -> dict[str, Any]:
+    """The audited call of this Sign: the first new one — for a ketamine order, the first about this patient (a
+    refused call, whose patient is not recorded, counts too)."""
+
+    def matching() -> dict[str, Any] | None:
+        for call in service.hook_calls()[before:]:
+            if visit.outcome is None or (
+                call["patient_id"] in (visit.patient_id, None) and call["outcome"] != "triaged-out"
+            ):
+                return call
+        return None
+
+    return wait_for(matching, f"the service to audit the order-sign call for {visit.patient_id}")
 
 
 def _visit(app: App, service: ServiceUnderTest, visit: Visit, result: VisitResult) -> None:
-    before = len(service.hook_calls())
-    app.sign(visit.search, visit.medication)
-    call = _new_call(service, before)
+    app.choose_medication(visit.search, visit.medication)
+    before = len(service.hook_calls())  # counted last: a tab click may re-send the previous order
+    app.press_sign()
+    call = _new_call(service, before, visit)
     if call["status_code"] != 200:
         result.problems.append(f"HTTP {call['status_code']} from the service: {call['error']}")
         app.screenshot(f"{visit.label}-refused")
