@@ -27,7 +27,12 @@ from fhir_mappings.model import (
 from fhir_mappings.orders import OrderGroup
 from fhir_mappings.policy import Criterion, Phase, Policy
 from fhir_mappings.record import Availability, PatientRecord
-from fhir_mappings.rules import Verdict
+from fhir_mappings.rules import Rule, Verdict
+
+
+def _unread(criterion: Criterion, ctx: FactContext) -> tuple[str, ...]:
+    """The resource types the criterion reads that were not fully read."""
+    return tuple(t for t in sorted(criterion.reads) if ctx.record.availability(t) is not Availability.READ)
 
 
 def _checked(criterion: Criterion, ctx: FactContext) -> str:
@@ -55,6 +60,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         missing: str = "",
         cleared: tuple[Evidence, ...] = (),
         case_by_case: bool = False,
+        unavailable: tuple[str, ...] = (),
     ) -> CriterionResult:
         suggestion = criterion.suggestion
         clearable = criterion.lifted_by is not None
@@ -72,6 +78,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
             cleared_by=cleared,
             case_by_case=case_by_case,
             clearable=clearable,
+            unavailable=unavailable,
             suggestion=(
                 {"label": suggestion.label, "resource": suggestion.resource_type, "code": dict(suggestion.code)}
                 if suggestion is not None and status is Status.UNKNOWN
@@ -87,7 +94,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
 
     if criterion.kind is CriterionKind.REQUIREMENT:
         assert criterion.met_when is not None
-        met = criterion.met_when.evaluate(ctx)
+        met = _strictly(criterion.met_when, ctx)
         if met.value is True:
             return result(Status.MET, met)
         if met.value is False and criterion.not_met_when is not None:
@@ -97,13 +104,13 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         reviewed = review()
         if reviewed is not None:
             return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
-        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask)
+        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask, unavailable=_unread(criterion, ctx))
 
     assert criterion.holds_when is not None
     holds = criterion.holds_when.evaluate(ctx)
     if holds.value is True:
         if criterion.lifted_by is not None:
-            lifted = criterion.lifted_by.evaluate(ctx)
+            lifted = _strictly(criterion.lifted_by, ctx)
             if lifted.value is True:
                 return result(
                     Status.NOT_MET,
@@ -121,7 +128,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
             return result(Status.MET, holds, f"present, no {criterion.clearance} clearance on record")
         return result(Status.MET, holds, "present")
     if holds.value is None and criterion.lifted_by is not None:
-        lifted = criterion.lifted_by.evaluate(ctx)
+        lifted = _strictly(criterion.lifted_by, ctx)
         if lifted.value is True:
             return result(
                 Status.NOT_MET, holds, f"lifted by documented {criterion.clearance} clearance", cleared=lifted.evidence
@@ -131,9 +138,24 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
     if holds.value is None:
         return result(
-            Status.UNKNOWN, holds, _checked(criterion, ctx), criterion.ask or "Document whether this applies."
+            Status.UNKNOWN,
+            holds,
+            _checked(criterion, ctx),
+            criterion.ask or "Document whether this applies.",
+            unavailable=_unread(criterion, ctx),
         )
     return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
+
+
+def _strictly(rule: Rule, ctx: FactContext) -> Verdict:
+    """Evaluate a conclusion that moves toward authorization (a requirement met, an exclusion lifted): evidence
+    recognised only from text counts as unknown there (issue 8: where text is the only evidence, prefer unknown
+    with the text quoted over met)."""
+    ctx.strict = True
+    try:
+        return rule.evaluate(ctx)
+    finally:
+        ctx.strict = False
 
 
 def _unique(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:

@@ -66,6 +66,13 @@ def _set_path(resource: dict[str, Any], path: str, value: Any) -> None:
 
 def build_case(path: Path) -> tuple[dict[str, Any], PatientRecord, str]:
     case = json.loads(path.read_text())
+    return case, build_record(case, path.parent), path.parent.name.removesuffix(".cases")
+
+
+def build_record(case: dict[str, Any], cases_dir: Path) -> PatientRecord:
+    """The base record of a `.cases` folder with a case's patch applied (set / remove / add / draft_orders /
+    order_set / add_orders / unavailable / now)."""
+    path = cases_dir / "case.json"
     base = json.loads((path.parent / case.get("base", "base.json")).read_text())
     resources = {
         f"{e['resource']['resourceType']}/{e['resource']['id']}": copy.deepcopy(e["resource"])
@@ -99,7 +106,7 @@ def build_case(path: Path) -> tuple[dict[str, Any], PatientRecord, str]:
         encounter_id=base.get("encounter_id"),
         references_resolvable=True,
     )
-    return case, record, path.parent.name.removesuffix(".cases")
+    return record
 
 
 @pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name.removesuffix('.cases')}/{p.stem}" for p in CASES])
