@@ -152,7 +152,8 @@ class FhirServerProcess:
             raise FhirServerError("this FhirServerProcess is already started")
         if self.open_access and token is not None:
             raise FhirServerError("an open FHIR server takes no token")
-        self.token = None if self.open_access else token or secrets.token_urlsafe(32)
+        # hex: a token starting with "-" would be read as an option by `--fhir-token TOKEN` (argparse)
+        self.token = None if self.open_access else token or secrets.token_hex(32)
         started = time.perf_counter()
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             try:
