@@ -104,7 +104,9 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         reviewed = review()
         if reviewed is not None:
             return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
-        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask, unavailable=_unread(criterion, ctx))
+        return result(
+            Status.UNKNOWN, met, _checked(criterion, ctx), _ask(criterion, ctx), unavailable=_unread(criterion, ctx)
+        )
 
     assert criterion.holds_when is not None
     holds = criterion.holds_when.evaluate(ctx)
@@ -156,6 +158,12 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
                 criterion.ask or "Document whether this applies.",
             )
     return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
+
+
+def _ask(criterion: Criterion, ctx: FactContext) -> str:
+    """What to document for an unknown requirement: only the parts not yet met, when it has parts."""
+    missing = [ask for rule, ask in criterion.ask_parts if _strictly(rule, ctx).value is not True]
+    return " ".join(missing) if missing else criterion.ask
 
 
 def _strictly(rule: Rule, ctx: FactContext) -> Verdict:

@@ -58,11 +58,14 @@ class Criterion:
     clearance: str
     suggestion: Suggestion | None
     reads: frozenset[str] = frozenset()  # resource types its facts read (for "checked 14 Condition ...")
+    # A requirement with several parts asks only for the parts not yet documented: (part's met rule, ask).
+    ask_parts: tuple[tuple[Rule, str], ...] = ()
 
     @property
     def facts(self) -> frozenset[str]:
         rules = (self.met_when, self.not_met_when, self.holds_when, self.lifted_by, self.case_by_case_when)
-        return frozenset().union(*(r.facts for r in rules if r is not None))
+        parts = tuple(rule for rule, _ in self.ask_parts)
+        return frozenset().union(*(r.facts for r in (*rules, *parts) if r is not None))
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,7 @@ _CRITERION_KEYS = {
     "case_by_case_text",
     "clearance",
     "suggestion",
+    "ask_parts",
 }
 
 
@@ -298,6 +302,14 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
                 suggestion=suggestion,
             )
         )
+        parts = []
+        for j, part in enumerate(item.get("ask_parts") or []):
+            pw = f"{where}.ask_parts[{j}]"
+            _keys(part, {"ask", "met_when"}, pw, {"ask", "met_when"})
+            parts.append((rule(part["met_when"], f"{pw}.met_when"), _text(part, "ask", pw)))
+        if parts and kind is not CriterionKind.REQUIREMENT:
+            raise PolicyError(f"{where}.ask_parts: only a requirement has parts to ask for")
+        criteria[-1] = replace(criteria[-1], ask_parts=tuple(p for p in parts if p[0] is not None))
         criteria[-1] = replace(criteria[-1], reads=library.reads(criteria[-1].facts))
         if kind is CriterionKind.REQUIREMENT and not criteria[-1].ask:
             raise PolicyError(f"{where}.ask: a requirement must say what to document when it is unknown")

@@ -216,12 +216,6 @@ def test_all_documented_patient_gets_asked_for_route_location_and_performer(
     assert card["summary"].startswith("Ketamine: document 2 items")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy/card granularity (fhir_mappings/policies/mgbhp-031.yaml initial-6-setting-monitoring `ask`): the "
-    "criterion's one static ask also requests the prescriber's specialty, although its prescriber clause is already "
-    "met by the psychiatrist's evaluation on record (sc-mla-eval); reported to the lead, not fixed here",
-)
 def test_all_documented_patient_is_not_asked_for_what_is_on_record(
     lenient: ServiceUnderTest, scenario_resources: list[dict[str, Any]]
 ) -> None:
