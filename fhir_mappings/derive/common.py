@@ -11,6 +11,7 @@ from fhir_mappings.facts import FactContext, reference_of
 from fhir_mappings.model import Evidence
 from fhir_mappings.reading.dates import DateSpan, first_span
 from fhir_mappings.record import as_list, reference_key
+from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch
 
 Resource = dict[str, Any]
@@ -240,3 +241,48 @@ def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str], *, t
     else:
         said = True if best.assertion.positive else (False if best.assertion.value == "negated" else None)
     return Mention(said, None, best.sentence, best.assertion.value)
+
+
+def coded_events(ctx: FactContext, valuesets: Sequence[str]) -> list[tuple[Resource, CodeMatch]]:
+    """Procedures (by code) and Encounters (by type) that took place and are coded in one of `valuesets`: the
+    two resource types a session, an evaluation or a consultation is recorded as."""
+    records: list[tuple[Resource, CodeMatch]] = []
+    for rtype, key in (("Procedure", "code"), ("Encounter", "type")):
+        for resource in ctx.record.of_type(rtype):
+            if status(resource) not in DONE_STATUSES[rtype]:
+                continue
+            concepts = [dict(c) for c in as_list(resource.get(key)) if isinstance(c, Mapping)]
+            match = first_match(ctx, valuesets, concepts)
+            if match is not None:
+                records.append((resource, match))
+    return records
+
+
+def occurrence_item(occurrence: Occurrence, note: str | None = None, **kwargs: Any) -> Item:
+    """An item for one event: the first record as evidence, the others as support, dated by the event."""
+    evidence = occurrence.evidence(note)
+    span = occurrence.span
+    return Item(
+        evidence[0],
+        date=span.low if span else None,
+        span=(span.low, span.high) if span and not span.exact else None,
+        support=evidence[1:],
+        **kwargs,
+    )
+
+
+def actor_roles(
+    ctx: FactContext, resource: Resource, actors: Iterable[Any], role_sets: Mapping[str, str]
+) -> tuple[frozenset[str] | None, set[str]]:
+    """The role labels of the actors of a resource (performers, participants): the labels found, or None when
+    an actor's roles could not be read and none was found — plus the set of labels found."""
+    from fhir_mappings.derive.roles import lookup_roles  # roles imports this module
+
+    found: set[str] = set()
+    known = True
+    listed = [a for a in actors if isinstance(a, Mapping)]
+    for actor in listed:
+        lookup = lookup_roles(ctx, actor, role_sets, within=resource)
+        known = known and lookup.known
+        found.update(lookup.labels)
+    return (frozenset(found) if (found or (known and listed)) else None), found

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fhir_mappings.derive.common import DONE_STATUSES, event_span, mention, status, valueset_ids
+from fhir_mappings.derive.common import DONE_STATUSES, actor_roles, event_span, mention, status, valueset_ids
 from fhir_mappings.facts import DeriveFact, FactContext, derivation, reference_of
 from fhir_mappings.model import Evidence, Fact, FactState
 from fhir_mappings.reading.dates import parse_span
@@ -368,13 +368,7 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
                 actors = actors + [
                     p.get("individual") for p in as_list(encounter.get("participant")) if isinstance(p, Mapping)
                 ]
-        roles: set[str] = set()
-        known = True
-        for actor in actors:
-            if isinstance(actor, Mapping):
-                lookup = lookup_roles(ctx, actor, params["roles"], within=resource)
-                known = known and lookup.known
-                roles.update(lookup.labels)
+        role_field, roles = actor_roles(ctx, resource, actors, params["roles"])
         candidacy: bool | None = None
         candidacy_note = ""
         if candidacy_sets:
@@ -392,7 +386,7 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
                 resource,
                 match,
                 span=event_span(resource),
-                fields={"roles": frozenset(roles) if (roles or (known and actors)) else None, "candidacy": candidacy},
+                fields={"roles": role_field, "candidacy": candidacy},
                 note="; ".join(n for n in notes if n) or None,
             )
         )

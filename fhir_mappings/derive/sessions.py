@@ -13,33 +13,15 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
-from fhir_mappings.derive.common import DONE_STATUSES, first_match, mention, occurrences, status, valueset_ids
+from fhir_mappings.derive.common import coded_events, mention, occurrence_item, occurrences, valueset_ids
 from fhir_mappings.derive.order_facts import order_date
 from fhir_mappings.derive.roles import in_force, people_fact, role_items
 from fhir_mappings.facts import DeriveFact, FactContext, derivation, format_value, reference_of
 from fhir_mappings.model import Evidence, Fact, FactState
 from fhir_mappings.record import as_list, reference_key
 from fhir_mappings.rules import Item
-from fhir_mappings.valuesets import CodeMatch
 
 Resource = dict[str, Any]
-
-
-def _session_records(ctx: FactContext, codes: str | list[str]) -> list[tuple[Resource, CodeMatch]]:
-    valuesets = [codes] if isinstance(codes, str) else list(codes)
-    records: list[tuple[Resource, CodeMatch]] = []
-    for rtype, concepts_of in (
-        ("Procedure", lambda r: [r.get("code")]),
-        ("Encounter", lambda r: as_list(r.get("type"))),
-    ):
-        for resource in ctx.record.of_type(rtype):
-            if status(resource) not in DONE_STATUSES[rtype]:
-                continue
-            concepts = [dict(c) for c in concepts_of(resource) if isinstance(c, Mapping)]
-            match = first_match(ctx, valuesets, concepts)
-            if match is not None:
-                records.append((resource, match))
-    return records
 
 
 @derivation("sessions", params={"codes": "valuesets"}, reads=("Procedure", "Encounter"))
@@ -47,17 +29,10 @@ def sessions(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> F
     """Sessions that took place, coded in one of `codes` on a Procedure or an Encounter's type, one item per event
     (the same session recorded twice counts once; the other records are cited as support)."""
     items: list[Item] = []
-    for occurrence in occurrences(_session_records(ctx, valueset_ids(params["codes"]))):
-        evidence = occurrence.evidence()
-        span = occurrence.span
+    for occurrence in occurrences(coded_events(ctx, valueset_ids(params["codes"]))):
         items.append(
-            Item(
-                evidence[0],
-                date=span.low if span else None,
-                span=(span.low, span.high) if span and not span.exact else None,
-                support=evidence[1:],
-                fields={"exact_date": occurrence.day},
-                text_only=occurrence.matches[0].via == "text",
+            occurrence_item(
+                occurrence, fields={"exact_date": occurrence.day}, text_only=occurrence.matches[0].via == "text"
             )
         )
     return ctx.make_fact(fact.name, items, fact.reads)
@@ -384,22 +359,13 @@ def evaluations_mentioning(ctx: FactContext, params: Mapping[str, Any], fact: De
     An evaluation recorded as a Procedure and its Encounter is one item."""
     mentions = valueset_ids(params["mentions"])
     items: list[Item] = []
-    for occurrence in occurrences(_session_records(ctx, params["codes"])):
+    for occurrence in occurrences(coded_events(ctx, [params["codes"]])):
         said = [m for m in (mention(ctx, r, mentions, topic=True) for r in occurrence.records) if m is not None]
         positive = [m for m in said if m.said is True]
         undecided = [m for m in said if m.said is None]
         if not positive and not undecided:
             continue
         chosen = (positive or undecided)[0]
-        evidence = occurrence.evidence(f"mentions ketamine-assisted psychotherapy ({chosen.note()})")
-        span = occurrence.span
-        items.append(
-            Item(
-                evidence[0],
-                date=span.low if span else None,
-                span=(span.low, span.high) if span and not span.exact else None,
-                support=evidence[1:],
-                certain=bool(positive),
-            )
-        )
+        note = f"mentions ketamine-assisted psychotherapy ({chosen.note()})"
+        items.append(occurrence_item(occurrence, note, certain=bool(positive)))
     return ctx.make_fact(fact.name, items, fact.reads)

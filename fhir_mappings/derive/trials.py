@@ -22,14 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
-from fhir_mappings.derive.common import (
-    DONE_STATUSES,
-    Occurrence,
-    occurrences,
-    other_indication,
-    status,
-    valueset_ids,
-)
+from fhir_mappings.derive.common import Occurrence, coded_events, occurrences, other_indication, status, valueset_ids
 from fhir_mappings.doses import DoseTable, load_dose_table
 from fhir_mappings.facts import DeriveFact, FactContext, derivation, format_value, reference_of
 from fhir_mappings.model import Bounds, Evidence, Fact, FactState, exact_or_bounds
@@ -371,17 +364,7 @@ _MEDICATION_TYPES = ("MedicationStatement", "MedicationRequest", "MedicationDisp
 def _psychotherapy_courses(ctx: FactContext, codes: str, gap_days: int) -> list[Trial]:
     """Psychotherapy sessions (Procedure or Encounter typed by a psychotherapy code, one event per day) split
     into courses where sessions are more than `gap_days` apart."""
-    records: list[tuple[Resource, CodeMatch]] = []
-    for rtype, concepts_of in (
-        ("Procedure", lambda r: [r.get("code")]),
-        ("Encounter", lambda r: as_list(r.get("type"))),
-    ):
-        for resource in ctx.record.of_type(rtype):
-            if status(resource) not in DONE_STATUSES[rtype]:
-                continue
-            match = ctx.match(codes, [dict(c) for c in concepts_of(resource) if isinstance(c, Mapping)])
-            if match is not None:
-                records.append((resource, match))
+    records = coded_events(ctx, [codes])
     sessions = [o for o in occurrences(records) if o.span is not None]
     courses: list[Trial] = []
     for occurrence in sessions:

@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from fhir_mappings.derive.common import DONE_STATUSES, event_span, mention, status
-from fhir_mappings.derive.roles import lookup_roles
+from fhir_mappings.derive.common import DONE_STATUSES, actor_roles, event_span, mention, status
 from fhir_mappings.facts import DeriveFact, FactContext, Polarity, derivation, format_value, reference_of
 from fhir_mappings.model import Bounds, Evidence, Fact
 from fhir_mappings.reading.dates import DateSpan
@@ -158,14 +157,7 @@ def specialist_clearances(ctx: FactContext, params: Mapping[str, Any], fact: Der
     items: list[Item] = []
 
     def roles_of(resource: Resource, actors: list[Any]) -> tuple[frozenset[str] | None, str]:
-        found: set[str] = set()
-        known = True
-        for actor in actors:
-            if isinstance(actor, Mapping):
-                lookup = lookup_roles(ctx, actor, params["roles"], within=resource)
-                known = known and lookup.known
-                found.update(lookup.labels)
-        value = frozenset(found) if (found or (known and actors)) else None
+        value, found = actor_roles(ctx, resource, actors, params["roles"])
         return value, (f"by {', '.join(sorted(found))}" if found else "specialty of who cleared not identified")
 
     for obs in ctx.record.of_type("Observation"):
