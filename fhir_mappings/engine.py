@@ -47,7 +47,10 @@ def _checked(criterion: Criterion, ctx: FactContext) -> str:
     return text
 
 
-def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResult:
+def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] | None = None) -> CriterionResult:
+    """The criterion's status with its evidence. Explain tools pass `trace`, which receives the rule branch that
+    decided ("met_when is true", "holds_when is true, lifted_by is true", ...); nothing else changes."""
+
     def result(
         status: Status,
         verdict: Verdict | None,
@@ -55,7 +58,10 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         missing: str = "",
         cleared: tuple[Evidence, ...] = (),
         case_by_case: bool = False,
+        branch: str = "",
     ) -> CriterionResult:
+        if trace is not None:
+            trace.append(branch)
         suggestion = criterion.suggestion
         clearable = criterion.lifted_by is not None
         if status is Status.MET and clearable and not missing:
@@ -89,15 +95,24 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         assert criterion.met_when is not None
         met = criterion.met_when.evaluate(ctx)
         if met.value is True:
-            return result(Status.MET, met)
+            return result(Status.MET, met, branch="met_when is true")
         if met.value is False and criterion.not_met_when is not None:
             failing = criterion.not_met_when.evaluate(ctx)
             if failing.value is True:
-                return result(Status.NOT_MET, failing, criterion.not_met_text or "the record shows it is not met")
+                text = criterion.not_met_text or "the record shows it is not met"
+                return result(Status.NOT_MET, failing, text, branch="met_when is false, not_met_when is true")
         reviewed = review()
         if reviewed is not None:
-            return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
-        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask)
+            return result(
+                Status.UNKNOWN,
+                reviewed,
+                criterion.case_by_case_text,
+                criterion.ask,
+                case_by_case=True,
+                branch="case_by_case_when is true",
+            )
+        why = "met_when is unknown" if met.value is None else "met_when is false, not_met_when is not true"
+        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask, branch=why)
 
     assert criterion.holds_when is not None
     holds = criterion.holds_when.evaluate(ctx)
@@ -110,6 +125,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
                     holds,
                     f"present, lifted by documented {criterion.clearance} clearance",
                     cleared=lifted.evidence,
+                    branch="holds_when is true, lifted_by is true",
                 )
             if lifted.value is None:
                 return result(
@@ -117,23 +133,35 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
                     holds,
                     f"present; whether {criterion.clearance} clearance is documented could not be read",
                     criterion.ask or f"Document {criterion.clearance} clearance for IV ketamine.",
+                    branch="holds_when is true, lifted_by is unknown",
                 )
-            return result(Status.MET, holds, f"present, no {criterion.clearance} clearance on record")
-        return result(Status.MET, holds, "present")
+            text = f"present, no {criterion.clearance} clearance on record"
+            return result(Status.MET, holds, text, branch="holds_when is true, lifted_by is false")
+        return result(Status.MET, holds, "present", branch="holds_when is true")
     if holds.value is None and criterion.lifted_by is not None:
         lifted = criterion.lifted_by.evaluate(ctx)
         if lifted.value is True:
             return result(
-                Status.NOT_MET, holds, f"lifted by documented {criterion.clearance} clearance", cleared=lifted.evidence
+                Status.NOT_MET,
+                holds,
+                f"lifted by documented {criterion.clearance} clearance",
+                cleared=lifted.evidence,
+                branch="holds_when is unknown, lifted_by is true",
             )
     reviewed = review()
     if reviewed is not None:
-        return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
-    if holds.value is None:
         return result(
-            Status.UNKNOWN, holds, _checked(criterion, ctx), criterion.ask or "Document whether this applies."
+            Status.UNKNOWN,
+            reviewed,
+            criterion.case_by_case_text,
+            criterion.ask,
+            case_by_case=True,
+            branch="case_by_case_when is true",
         )
-    return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
+    if holds.value is None:
+        ask = criterion.ask or "Document whether this applies."
+        return result(Status.UNKNOWN, holds, _checked(criterion, ctx), ask, branch="holds_when is unknown")
+    return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence", branch="holds_when is false")
 
 
 def _unique(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:
