@@ -533,7 +533,8 @@ def describe_cond(cond: Cond) -> str:
         joiner = " and " if isinstance(cond, _AllCond) else " or "
         return "(" + joiner.join(describe_cond(p) for p in cond.parts) + ")"
     if isinstance(cond, _NotCond):
-        return "not " + describe_cond(cond.part)
+        inner = describe_cond(cond.part)
+        return "not " + (inner if inner.startswith("(") else f"({inner})")
     if isinstance(cond, _FieldCond):
         return f"{cond.field} {cond.op} {_said(cond.value)}"
     if isinstance(cond, _WithinDays):

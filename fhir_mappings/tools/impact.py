@@ -1,0 +1,282 @@
+"""`mappings impact`: the same patients decided by two mapping sets, and what changed — the review artefact of a
+mapping change.
+
+"Before" is `--against`: a directory with the mapping layout, or a git revision of this repository whose
+`fhir_mappings/` files are extracted with `git archive` into a temporary directory. "After" is `--mappings DIR`
+or the mappings in use (the working tree). Patients: the policy fixture cases, the sandbox stories (with the
+sandbox's site configuration unless one is given), and any cohort.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fhir_mappings.mappings import MAPPINGS_DIR, MappingError, Mappings, SiteConfig
+from fhir_mappings.model import Decision
+from fhir_mappings.tools.cases import CaseError, Engines, branch_of, case_files, evaluate_case
+from fhir_mappings.tools.records import InputError, PatientInput, load_patient
+
+
+class ImpactError(ValueError):
+    """A mapping set cannot be had (unknown revision, invalid set); the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Change:
+    patient: str  # "mgbhp-031/phq9-29-days", a story id, a cohort patient id
+    source: str  # "case" | "story" | "cohort"
+    policy: str
+    order: str
+    before: str  # outcome (+ phase/service), or "—" when there was no decision
+    after: str
+    criteria: tuple[tuple[str, str, str], ...]  # (criterion id, before branch, after branch)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "patient": self.patient,
+            "source": self.source,
+            "policy": self.policy,
+            "order": self.order,
+            "before": self.before,
+            "after": self.after,
+            "criteria": [{"id": c, "before": b, "after": a} for c, b, a in self.criteria],
+        }
+
+
+@dataclass
+class ImpactReport:
+    before: str  # what was compared: revision or directory, and mapping-set versions
+    after: str
+    before_version: str
+    after_version: str
+    evaluated: dict[str, int] = field(default_factory=dict)  # source -> patients
+    changes: list[Change] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "before": {"mappings": self.before, "version": self.before_version},
+            "after": {"mappings": self.after, "version": self.after_version},
+            "evaluated": self.evaluated,
+            "changed": len(self.changes),
+            "changes": [c.to_json() for c in self.changes],
+            "errors": self.errors,
+        }
+
+    def _summary(self) -> str:
+        names = {"case": ("fixture case", "fixture cases"), "story": ("sandbox story", "sandbox stories")}
+        names["cohort"] = ("cohort patient", "cohort patients")
+        counts = ", ".join(f"{n} {names[k][n != 1]}" for k, n in self.evaluated.items())
+        return f"{len(self.changes)} decision(s) changed; evaluated {counts or 'nothing'}"
+
+    def text(self) -> str:
+        lines = [
+            f"before: {self.before} ({self.before_version})",
+            f"after:  {self.after} ({self.after_version})",
+            self._summary(),
+        ]
+        if self.changes:
+            width = max(len(c.patient) for c in self.changes)
+            outcome = max(len(c.before + c.after) + 4 for c in self.changes)
+            lines.append("")
+            lines.append(f"{'patient':<{width}}  {'policy':<12} {'outcome before -> after':<{outcome}}  criteria changed")
+        for c in self.changes:
+            crit = "; ".join(f"{cid} {b} -> {a}" for cid, b, a in c.criteria) or "-"
+            lines.append(f"{c.patient:<{width}}  {c.policy:<12} {c.before + ' -> ' + c.after:<{outcome}}  {crit}")
+        lines.extend(f"error: {e}" for e in self.errors)
+        return "\n".join(lines) + "\n"
+
+    def markdown(self) -> str:
+        lines = [
+            "## Mapping change impact",
+            "",
+            f"- before: `{self.before}` ({self.before_version})",
+            f"- after: `{self.after}` ({self.after_version})",
+            f"- {self._summary()}",
+            "",
+        ]
+        if self.changes:
+            lines += ["| patient | source | policy | outcome before → after | criteria changed |", "|---|---|---|---|---|"]
+            for c in self.changes:
+                crit = "<br>".join(f"`{cid}` {b} → {a}" for cid, b, a in c.criteria) or "—"
+                lines.append(f"| {c.patient} | {c.source} | {c.policy} | {c.before} → {c.after} | {crit} |")
+        lines.extend(f"\n> error: {e}" for e in self.errors)
+        return "\n".join(lines) + "\n"
+
+
+# --- the two mapping sets ----------------------------------------------------------------------------------
+def repository_root(start: Path = MAPPINGS_DIR) -> Path:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(start), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        raise ImpactError(f"{start} is not inside a git repository: give --against a directory instead") from None
+    return Path(out.stdout.strip())
+
+
+def extract_revision(revision: str, into: Path, repo: Path | None = None) -> Path:
+    """`fhir_mappings/` of a git revision, extracted into `into`; returns the mapping directory."""
+    repo = repo or repository_root()
+    subdir = MAPPINGS_DIR.relative_to(repo).as_posix() if MAPPINGS_DIR.is_relative_to(repo) else "fhir_mappings"
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", "--format=tar", revision, subdir],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        reason = exc.stderr.decode(errors="replace").strip().splitlines()
+        raise ImpactError(f"git revision {revision!r}: {reason[-1] if reason else 'unknown revision'}") from None
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into / subdir
+
+
+def _load(directory: Path, site: Path | None, label: str) -> Mappings:
+    try:
+        return Mappings.load(SiteConfig.from_file(site) if site else None, directory)
+    except MappingError as exc:
+        raise ImpactError(f"{label}: the mapping set does not load: {str(exc).splitlines()[0]}") from None
+
+
+# --- comparing decisions --------------------------------------------------------------------------------------
+def _summary(decision: Decision | None) -> str:
+    if decision is None:
+        return "—"
+    stage = decision.phase or decision.service
+    return decision.outcome.value + (f" ({stage})" if stage else "")
+
+
+def _branches(decision: Decision | None) -> dict[str, str]:
+    return {c.id: branch_of(c) for c in decision.criteria} if decision else {}
+
+
+def compare(
+    patient: str, source: str, before: list[Decision | None], after: list[Decision | None]
+) -> list[Change]:
+    """Changes between two decision lists, matched by (policy, orders)."""
+
+    def key(d: Decision) -> tuple[str, tuple[str, ...]]:
+        return (d.policy.id if d.policy else "—", d.order_refs)
+
+    old = {key(d): d for d in before if d is not None}
+    new = {key(d): d for d in after if d is not None}
+    changes = []
+    for k in [*old, *(k for k in new if k not in old)]:
+        b, a = old.get(k), new.get(k)
+        bb, ab = _branches(b), _branches(a)
+        criteria = tuple(
+            (cid, bb.get(cid, "—"), ab.get(cid, "—")) for cid in [*bb, *(c for c in ab if c not in bb)] if bb.get(cid) != ab.get(cid)
+        )
+        if _summary(b) != _summary(a) or criteria:
+            changes.append(Change(patient, source, k[0], ", ".join(k[1]), _summary(b), _summary(a), criteria))
+    return changes
+
+
+def stories_dir() -> Path | None:
+    spec = importlib.util.find_spec("sandbox")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "patients"
+    return folder if folder.is_dir() else None
+
+
+def run_impact(
+    *,
+    against: str,
+    mappings_dir: str | None = None,
+    site_config: str | None = None,
+    cohorts: Iterable[str] = (),
+    include_cases: bool = True,
+    include_stories: bool = True,
+    fhir_token: str | None = None,
+    as_of: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> ImpactReport:
+    from fhir_mappings.tools.cohort import CohortError, list_patients, read_patient
+    from fhir_mappings.tools.explain import evaluate_patient
+
+    after_dir = Path(mappings_dir).resolve() if mappings_dir else MAPPINGS_DIR
+    site = Path(site_config) if site_config else None
+    with tempfile.TemporaryDirectory(prefix="ketamine-cds-impact-") as tmp:
+        if Path(against).is_dir():
+            before_dir, before_label = Path(against).resolve(), str(against)
+        else:
+            before_dir, before_label = extract_revision(against, Path(tmp)), f"git {against}"
+        after_label = str(mappings_dir) if mappings_dir else "working tree"
+        before = _load(before_dir, site, before_label)
+        after = _load(after_dir, site, after_label)
+        report = ImpactReport(before_label, after_label, before.version, after.version)
+
+        if include_cases:
+            # Cases keep their own site configuration (a folder's site.yaml), as `mappings test` runs them.
+            old_engines, new_engines = Engines(before_dir), Engines(after_dir)
+            paths = {p.relative_to(after_dir): p for p in case_files(after_dir)}
+            for p in case_files(before_dir):
+                paths.setdefault(p.relative_to(before_dir), p)
+            count = 0
+            for rel, path in sorted(paths.items()):
+                name = f"{path.parent.name.removesuffix('.cases')}/{path.stem}"
+                decisions: list[list[Decision | None]] = []
+                try:
+                    for engines, base in ((old_engines, before_dir), (new_engines, after_dir)):
+                        own = base / rel
+                        target = own if own.is_file() else path
+                        decisions.append([evaluate_case(target, engines.for_folder(target.parent)).decision])
+                except (CaseError, MappingError, KeyError) as exc:
+                    report.errors.append(f"case {name}: {exc}")
+                    continue
+                count += 1
+                report.changes += compare(name, "case", decisions[0], decisions[1])
+            report.evaluated["case"] = count
+
+        if include_stories and (folder := stories_dir()) is not None:
+            story_site = site or (folder.parent / "site-config.yaml")
+            old_s = before if site else _load(before_dir, story_site, before_label)
+            new_s = after if site else _load(after_dir, story_site, after_label)
+            count = 0
+            for path in sorted(folder.glob("*.json")):
+                try:
+                    patient = load_patient(path)
+                except InputError as exc:
+                    report.errors.append(f"story {path.stem}: {exc}")
+                    continue
+                count += 1
+                b = evaluate_patient(old_s, patient, as_of=as_of).decisions
+                a = evaluate_patient(new_s, _fresh(path), as_of=as_of).decisions
+                report.changes += compare(patient.label, "story", list(b), list(a))
+            report.evaluated["story"] = count
+
+        for source in cohorts:
+            try:
+                refs = list_patients(source, fhir_token=fhir_token)
+            except CohortError as exc:
+                report.errors.append(f"cohort {source}: {exc}")
+                continue
+            count = report.evaluated.get("cohort", 0)
+            for ref in refs:
+                try:
+                    patient = read_patient(ref, after, fhir_token=fhir_token)
+                except (InputError, CohortError) as exc:
+                    report.errors.append(f"cohort {source}: {exc}")
+                    continue
+                count += 1
+                b = evaluate_patient(before, patient, as_of=as_of).decisions
+                a = evaluate_patient(after, patient, as_of=as_of).decisions
+                report.changes += compare(patient.label or patient.patient_id, "cohort", list(b), list(a))
+            report.evaluated["cohort"] = count
+    return report
+
+
+def _fresh(path: Path) -> PatientInput:
+    """A second copy of a story (evaluation never mutates it, but the two sets must not share one)."""
+    return load_patient(path)
