@@ -387,7 +387,6 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print(f"{summary['patients']} patients, {summary['decisions']} decisions -> {args.out}")
         if "agreement" in summary:
-            print(
-                f"agreement with the reference: {summary['agreement']['percent']} % of {summary['agreement']['compared']}"
-            )
+            agreed = summary["agreement"]
+            print(f"agreement with the reference: {agreed['percent']} % of {agreed['compared']} decisions")
     return EXIT_OK

@@ -100,7 +100,9 @@ def list_patients(source: str, *, fhir_token: str | None = None, max_patients: i
         patients = [
             e["resource"]["id"]
             for e in bundle.get("entry") or []
-            if isinstance(e, dict) and isinstance(e.get("resource"), dict) and e["resource"].get("resourceType") == "Patient"
+            if isinstance(e, dict)
+            and isinstance(e.get("resource"), dict)
+            and e["resource"].get("resourceType") == "Patient"
         ]
         for pid in patients if len(patients) > 1 else [None]:
             refs.append(PatientRef(source, "bundle", str(path), pid))
@@ -191,7 +193,11 @@ def _search(session: requests.Session, base: str, relative: str) -> list[Resourc
         if body.get("resourceType") != "Bundle":
             found.append(body)
             break
-        found.extend(e["resource"] for e in body.get("entry") or [] if isinstance(e, dict) and isinstance(e.get("resource"), dict))
+        found.extend(
+            e["resource"]
+            for e in body.get("entry") or []
+            if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        )
         url = next((link.get("url") for link in body.get("link") or [] if link.get("relation") == "next"), None)
     return found
 

@@ -87,7 +87,9 @@ class ImpactReport:
             width = max(len(c.patient) for c in self.changes)
             outcome = max(len(c.before + c.after) + 4 for c in self.changes)
             lines.append("")
-            lines.append(f"{'patient':<{width}}  {'policy':<12} {'outcome before -> after':<{outcome}}  criteria changed")
+            lines.append(
+                f"{'patient':<{width}}  {'policy':<12} {'outcome before -> after':<{outcome}}  criteria changed"
+            )
         for c in self.changes:
             crit = "; ".join(f"{cid} {b} -> {a}" for cid, b, a in c.criteria) or "-"
             lines.append(f"{c.patient:<{width}}  {c.policy:<12} {c.before + ' -> ' + c.after:<{outcome}}  {crit}")
@@ -104,7 +106,10 @@ class ImpactReport:
             "",
         ]
         if self.changes:
-            lines += ["| patient | source | policy | outcome before → after | criteria changed |", "|---|---|---|---|---|"]
+            lines += [
+                "| patient | source | policy | outcome before → after | criteria changed |",
+                "|---|---|---|---|---|",
+            ]
             for c in self.changes:
                 crit = "<br>".join(f"`{cid}` {b} → {a}" for cid, b, a in c.criteria) or "—"
                 lines.append(f"| {c.patient} | {c.source} | {c.policy} | {c.before} → {c.after} | {crit} |")
@@ -160,9 +165,7 @@ def _branches(decision: Decision | None) -> dict[str, str]:
     return {c.id: branch_of(c) for c in decision.criteria} if decision else {}
 
 
-def compare(
-    patient: str, source: str, before: list[Decision | None], after: list[Decision | None]
-) -> list[Change]:
+def compare(patient: str, source: str, before: list[Decision | None], after: list[Decision | None]) -> list[Change]:
     """Changes between two decision lists, matched by (policy, orders)."""
 
     def key(d: Decision) -> tuple[str, tuple[str, ...]]:
@@ -175,7 +178,9 @@ def compare(
         b, a = old.get(k), new.get(k)
         bb, ab = _branches(b), _branches(a)
         criteria = tuple(
-            (cid, bb.get(cid, "—"), ab.get(cid, "—")) for cid in [*bb, *(c for c in ab if c not in bb)] if bb.get(cid) != ab.get(cid)
+            (cid, bb.get(cid, "—"), ab.get(cid, "—"))
+            for cid in [*bb, *(c for c in ab if c not in bb)]
+            if bb.get(cid) != ab.get(cid)
         )
         if _summary(b) != _summary(a) or criteria:
             changes.append(Change(patient, source, k[0], ", ".join(k[1]), _summary(b), _summary(a), criteria))

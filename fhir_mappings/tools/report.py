@@ -54,7 +54,11 @@ def _init_worker(mappings_dir: str | None, site_config: str | None, options: dic
 
 def _keep_detail(criterion: Mapping[str, Any], kind: str) -> bool:
     status = criterion["status"]
-    return status == "unknown" or (kind == "requirement" and status == "not-met") or (kind == "exclusion" and status == "met")
+    return (
+        status == "unknown"
+        or (kind == "requirement" and status == "not-met")
+        or (kind == "exclusion" and status == "met")
+    )
 
 
 def evaluate_ref(ref: PatientRef) -> dict[str, Any]:
@@ -63,7 +67,9 @@ def evaluate_ref(ref: PatientRef) -> dict[str, Any]:
     options = _WORKER["options"]
     try:
         patient = read_patient(ref, mappings, fhir_token=options.get("fhir_token"))
-        evaluation = evaluate_patient(mappings, patient, as_of=options.get("as_of"), assume=options.get("assume", "auto"))
+        evaluation = evaluate_patient(
+            mappings, patient, as_of=options.get("as_of"), assume=options.get("assume", "auto")
+        )
     except (InputError, CohortError) as exc:
         return {"patient": ref.patient_id or Path(ref.key).stem, "error": str(exc), "decisions": []}
     route = mappings.router.resolve(evaluation.record)
@@ -303,13 +309,24 @@ def _anchor(patient: str) -> str:
     return "p-" + re.sub(r"[^A-Za-z0-9_-]", "-", patient)
 
 
+def _link(patient: str, label: str | None) -> str:
+    return f"<a href='#{_anchor(patient)}'>{_e(label or patient)}</a>"
+
+
+def _heads(*names: str) -> str:
+    return "<tr>" + "".join(f"<th>{_e(n)}</th>" for n in names) + "</tr>"
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#222;max-width:1200px}
 h1{font-size:1.6rem;margin-bottom:.2rem} h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem} th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:left}
 th{background:#f5f5f5} td.n{text-align:right} .meta{color:#555} .warn{background:#fff3e0}
-.flag{background:#ffebee;font-weight:600} pre{background:#fafafa;border:1px solid #eee;padding:.6rem;overflow-x:auto;font-size:.78rem}
-.outcome-likely-authorized{color:#2e7d32;font-weight:600} .outcome-criteria-not-met,.outcome-blocked{color:#c62828;font-weight:600}
+.flag{background:#ffebee;font-weight:600}
+pre{background:#fafafa;border:1px solid #eee;padding:.6rem;overflow-x:auto;font-size:.78rem}
+.outcome-likely-authorized{color:#2e7d32;font-weight:600}
+.outcome-criteria-not-met,.outcome-blocked{color:#c62828;font-weight:600}
 .outcome-documentation-needed{color:#a66f00;font-weight:600} section.patient{margin-top:1.2rem}
 svg{max-width:100%;height:auto}
 """
@@ -331,7 +348,7 @@ def build_html(
     kinds: dict[str, str] = {}
     reasons: Counter[tuple[str, str]] = Counter()
     asks: dict[tuple[str, str], str] = {}
-    for r, d in decisions:
+    for _, d in decisions:
         outcome_table[(d["policy"] or "no policy", d["plan"])][d["outcome"]] += 1
         if d["policy"]:
             for c in d["criteria"]:
@@ -360,14 +377,19 @@ def build_html(
     ]
     errors = [r for r in results if r.get("error")]
     if errors:
-        parts.append(f"<p class='warn'>{len(errors)} patient(s) could not be read: " + "; ".join(_e(r["error"]) for r in errors[:10]) + "</p>")
+        parts.append(
+            f"<p class='warn'>{len(errors)} patient(s) could not be read: "
+            + "; ".join(_e(r["error"]) for r in errors[:10])
+            + "</p>"
+        )
 
     if agree is not None:
         parts.append("<h2 id='reference'>Agreement with past determinations</h2>")
         pct = "—" if agree["percent"] is None else f"{agree['percent']} %"
         parts.append(
             f"<p id='agreement'>Agreement: <strong>{pct}</strong> of {agree['compared']} comparable decisions "
-            f"(likely-authorized ≈ approved, documentation-needed ≈ pended, criteria-not-met / blocked / not-covered ≈ denied). "
+            "(likely-authorized ≈ approved, documentation-needed ≈ pended, "
+            "criteria-not-met / blocked / not-covered ≈ denied). "
             f"{agree['not_comparable']} decision(s) not comparable (plan variation, not applicable, no policy); "
             f"{agree['without_reference']} without a reference determination; "
             f"{agree['reference_without_decision']} reference row(s) with no decision.</p>"
@@ -375,12 +397,16 @@ def build_html(
         if agree["likely_authorized_but_denied"]:
             parts.append("<h3 id='la-denied'>Likely-authorized here, denied by the reviewer</h3><ul class='flag'>")
             for f in agree["likely_authorized_but_denied"]:
-                parts.append(f"<li><a href='#{_anchor(f['patient'])}'>{_e(f['label'] or f['patient'])}</a> — {_e(f['policy'])}</li>")
+                parts.append(f"<li>{_link(f['patient'], f['label'])} — {_e(f['policy'])}</li>")
             parts.append("</ul>")
         else:
             parts.append("<p id='la-denied'>No decision said likely-authorized where the reviewer denied.</p>")
         outcomes_seen = [o for o in OUTCOME_ORDER if any(agree["matrix"][t].get(o) for t in DETERMINATIONS)]
-        parts.append("<table id='confusion'><tr><th>reviewer \\ service</th>" + "".join(f"<th>{_e(o)}</th>" for o in outcomes_seen) + "</tr>")
+        parts.append(
+            "<table id='confusion'><tr><th>reviewer \\ service</th>"
+            + "".join(f"<th>{_e(o)}</th>" for o in outcomes_seen)
+            + "</tr>"
+        )
         for truth in DETERMINATIONS:
             cells = "".join(f"<td class='n'>{agree['matrix'][truth].get(o, 0)}</td>" for o in outcomes_seen)
             parts.append(f"<tr><th>{truth}</th>{cells}</tr>")
@@ -388,32 +414,46 @@ def build_html(
 
     parts.append("<h2 id='outcomes'>Outcomes per policy and plan</h2>")
     seen = [o for o in OUTCOME_ORDER if any(c.get(o) for c in outcome_table.values())]
-    parts.append("<table id='outcome-table'><tr><th>policy</th><th>plan</th>" + "".join(f"<th>{_e(o)}</th>" for o in seen) + "<th>total</th></tr>")
+    parts.append(
+        "<table id='outcome-table'><tr><th>policy</th><th>plan</th>"
+        + "".join(f"<th>{_e(o)}</th>" for o in seen)
+        + "<th>total</th></tr>"
+    )
     for (policy, plan), counts in sorted(outcome_table.items()):
         cells = "".join(f"<td class='n'>{counts.get(o, 0)}</td>" for o in seen)
-        parts.append(f"<tr><td>{_e(policy)}</td><td>{_e(plan)}</td>{cells}<td class='n'>{sum(counts.values())}</td></tr>")
+        parts.append(
+            f"<tr><td>{_e(policy)}</td><td>{_e(plan)}</td>{cells}<td class='n'>{sum(counts.values())}</td></tr>"
+        )
     parts.append("</table>")
     if outcome_table:
-        parts.append(f"<figure class='plot' id='outcome-plot'>{outcome_plot(dict(sorted(outcome_table.items())))}</figure>")
+        parts.append(
+            f"<figure class='plot' id='outcome-plot'>{outcome_plot(dict(sorted(outcome_table.items())))}</figure>"
+        )
 
     parts.append("<h2 id='criteria'>How often each criterion is met, not met or unknown</h2>")
     for policy, counts in sorted(criterion_counts.items()):
-        parts.append(f"<h3>{_e(policy)}</h3><figure class='plot criterion-plot'>{criterion_plot(policy, counts, kinds)}</figure>")
-        parts.append("<table class='criterion-table'><tr><th>criterion</th><th>kind</th><th>met / holds</th><th>not met / clear</th><th>unknown</th></tr>")
+        parts.append(
+            f"<h3>{_e(policy)}</h3><figure class='plot criterion-plot'>{criterion_plot(policy, counts, kinds)}</figure>"
+        )
+        parts.append(
+            "<table class='criterion-table'>" + _heads("criterion", "kind", "met / holds", "not met / clear", "unknown")
+        )
         for cid, c in counts.items():
             parts.append(
                 f"<tr><td title='{_e(titles[cid])}'><code>{_e(cid)}</code></td><td>{_e(kinds[cid])}</td>"
-                f"<td class='n'>{c.get('met', 0)}</td><td class='n'>{c.get('not-met', 0)}</td><td class='n'>{c.get('unknown', 0)}</td></tr>"
+                + "".join(f"<td class='n'>{c.get(k, 0)}</td>" for k in ("met", "not-met", "unknown"))
+                + "</tr>"
             )
         parts.append("</table>")
 
     parts.append("<h2 id='documentation'>Top reasons for documentation-needed</h2>")
     total_dn = sum(1 for _, d in decisions if d["outcome"] == Outcome.DOCUMENTATION_NEEDED.value)
     if reasons:
-        parts.append("<table id='reasons'><tr><th>policy</th><th>criterion</th><th>decisions</th><th>share</th><th>what to document</th></tr>")
+        parts.append("<table id='reasons'>" + _heads("policy", "criterion", "decisions", "share", "what to document"))
         for (policy, cid), n in reasons.most_common(15):
             parts.append(
-                f"<tr><td>{_e(policy)}</td><td><code>{_e(cid)}</code> {_e(titles.get(cid, ''))}</td><td class='n'>{n}</td>"
+                f"<tr><td>{_e(policy)}</td><td><code>{_e(cid)}</code> {_e(titles.get(cid, ''))}</td>"
+                f"<td class='n'>{n}</td>"
                 f"<td class='n'>{round(100 * n / total_dn)} %</td><td>{_e(asks[(policy, cid)])}</td></tr>"
             )
         parts.append("</table>")
@@ -425,18 +465,25 @@ def build_html(
     head += "<th>reviewer</th>" if reference is not None else ""
     parts.append(f"<table id='patient-table'>{head}</tr>")
     rows = [(r, d) for r in results for d in (r["decisions"] or [None])]
-    rows.sort(key=lambda rd: (0 if rd[1] and (rd[0]["patient"], rd[1]["policy"]) in flagged else 1, str(rd[0].get("label"))))
+    rows.sort(
+        key=lambda rd: (0 if rd[1] and (rd[0]["patient"], rd[1]["policy"]) in flagged else 1, str(rd[0].get("label")))
+    )
     for r, d in rows:
         link = f"<a href='#{_anchor(r['patient'])}'>{_e(r.get('label') or r['patient'])}</a>"
         if d is None:
-            parts.append(f"<tr><td>{link}</td><td colspan='5'>{_e(r.get('error') or 'no decision (no card)')}</td>" + ("<td></td>" if reference is not None else "") + "</tr>")
+            parts.append(
+                f"<tr><td>{link}</td><td colspan='5'>{_e(r.get('error') or 'no decision (no card)')}</td>"
+                + ("<td></td>" if reference is not None else "")
+                + "</tr>"
+            )
             continue
         unknown = sum(c["status"] == "unknown" for c in d["criteria"])
         css = " class='flag'" if (r["patient"], d["policy"]) in flagged else ""
         truth = reference.get((r["patient"], d["policy"] or "")) if reference is not None else None
         parts.append(
             f"<tr{css}><td>{link}</td><td>{_e(d['policy'])}</td><td>{_e(d['plan'])}</td>"
-            f"<td class='outcome-{_e(d['outcome'])}'>{_e(d['outcome'])}</td><td>{_e(d['stage'])}</td><td class='n'>{unknown}</td>"
+            f"<td class='outcome-{_e(d['outcome'])}'>{_e(d['outcome'])}</td><td>{_e(d['stage'])}</td>"
+            f"<td class='n'>{unknown}</td>"
             + (f"<td>{_e(truth or '—')}</td>" if reference is not None else "")
             + "</tr>"
         )
@@ -446,7 +493,8 @@ def build_html(
     for r in results:
         parts.append(
             f"<section class='patient' id='{_anchor(r['patient'])}'><h3>{_e(r.get('label') or r['patient'])}</h3>"
-            f"<pre>{_e(r.get('explanation') or r.get('error') or '')}</pre><p><a href='#patients'>back to the table</a></p></section>"
+            f"<pre>{_e(r.get('explanation') or r.get('error') or '')}</pre>"
+            "<p><a href='#patients'>back to the table</a></p></section>"
         )
     parts.append("</body></html>")
     outcomes = Counter(d["outcome"] for _, d in decisions)
