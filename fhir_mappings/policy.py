@@ -192,6 +192,9 @@ _FORMATS: dict[str, Callable[[float], float]] = {
 }
 
 
+UNITS = tuple(_FORMATS)
+
+
 def format_threshold(value: Any, unit: str = "") -> str:
     """A threshold as a card says it: `15`, `0.8` as `80` (percent), `42` days as `6` (weeks)."""
     number = _FORMATS[unit](value)

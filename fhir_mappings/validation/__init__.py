@@ -175,6 +175,8 @@ def _loader_pass(
     except MappingError as exc:
         for line in str(exc).splitlines()[:1]:
             doc, path, reason = locate(line, docs)
+            if doc is not None and any(p.file == doc.file for p in out.problems):
+                continue  # most likely a consequence of a problem already reported in that file
             if doc is not None:
                 out.add(doc, path, reason, "loader")
             else:

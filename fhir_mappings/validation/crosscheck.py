@@ -16,7 +16,7 @@ from typing import Any
 from jsonpath_ng.ext import parse as jsonpath_parse
 
 from fhir_mappings.facts import DERIVATIONS
-from fhir_mappings.policy import PLACEHOLDER, PolicyError, expand_thresholds
+from fhir_mappings.policy import PLACEHOLDER, UNITS
 from fhir_mappings.rules import CompileContext, RuleError, compile_rule
 from fhir_mappings.validation.codes import code_problem, prefix_problem
 from fhir_mappings.validation.problems import Collector
@@ -311,16 +311,21 @@ class CrossChecker:
     def check_item_texts(
         self, doc: LocatedDocument, path: Path, item: Mapping[str, Any], thresholds: Mapping[str, Any]
     ) -> None:
-        numbers = {
-            k: (v if isinstance(v, int | float) and not isinstance(v, bool) else 0) for k, v in thresholds.items()
-        }
         for key in TEXT_KEYS:
             text = item.get(key)
-            if isinstance(text, str) and PLACEHOLDER.search(text):
-                try:
-                    expand_thresholds(" ".join(text.split()), numbers, key)
-                except PolicyError as exc:
-                    self.out.add(doc, (*path, key), str(exc), "text")
+            if not isinstance(text, str):
+                continue
+            for m in PLACEHOLDER.finditer(text):
+                if m.group("literal"):
+                    continue
+                name, unit = m.group("name"), m.group("unit") or ""
+                if name not in thresholds:
+                    reason = f"{key}: unknown threshold {{{name}}}{_hint(name, thresholds)}"
+                elif unit not in UNITS:
+                    reason = f"{key}: unknown unit {unit!r} in {m.group(0)} (known: {', '.join(u for u in UNITS if u)})"
+                else:
+                    continue
+                self.out.at(doc.file, doc.find((*path, key), m.group(0)), reason, "text", (*path, key))
         for key, words, reason in check_texts(item, thresholds):
             self.out.at(doc.file, doc.find((*path, key), words), reason, "text", (*path, key))
 
