@@ -133,6 +133,13 @@ def register(sub: Any) -> None:
     p.add_argument("--no-stories", action="store_true", help="leave out the sandbox stories")
     p.add_argument("--fhir-token", metavar="TOKEN", help="bearer token for a FHIR server cohort")
     p.add_argument("--fail-on-change", action="store_true", help="exit 1 when anything changed")
+    p.add_argument(
+        "--only",
+        metavar="TEXT",
+        action="append",
+        default=[],
+        help="only patients (case, story, cohort id) containing TEXT",
+    )
     _mappings_option(p)
     _format_option(p, ("text", "json", "markdown"))
 
@@ -348,6 +355,7 @@ def _impact(args: argparse.Namespace) -> int:
             include_cases=not args.no_cases,
             include_stories=not args.no_stories,
             fhir_token=args.fhir_token,
+            only=args.only,
         )
     except ImpactError as exc:
         return _fail(str(exc))

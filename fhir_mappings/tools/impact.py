@@ -14,7 +14,7 @@ import io
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,10 +128,11 @@ def repository_root(start: Path = MAPPINGS_DIR) -> Path:
     return Path(out.stdout.strip())
 
 
-def extract_revision(revision: str, into: Path, repo: Path | None = None) -> Path:
-    """`fhir_mappings/` of a git revision, extracted into `into`; returns the mapping directory."""
-    repo = repo or repository_root()
-    subdir = MAPPINGS_DIR.relative_to(repo).as_posix() if MAPPINGS_DIR.is_relative_to(repo) else "fhir_mappings"
+def extract_revision(revision: str, into: Path, mappings_dir: Path = MAPPINGS_DIR) -> Path:
+    """The mapping directory `mappings_dir` as it was in a git revision of its repository, extracted into `into`
+    (`git archive`); returns the extracted mapping directory."""
+    repo = repository_root(mappings_dir)
+    subdir = mappings_dir.resolve().relative_to(repo.resolve()).as_posix()
     try:
         archive = subprocess.run(
             ["git", "-C", str(repo), "archive", "--format=tar", revision, subdir],
@@ -205,10 +206,15 @@ def run_impact(
     include_stories: bool = True,
     fhir_token: str | None = None,
     as_of: Any = None,
-    progress: Callable[[str], None] | None = None,
+    only: Iterable[str] = (),
 ) -> ImpactReport:
     from fhir_mappings.tools.cohort import CohortError, list_patients, read_patient
     from fhir_mappings.tools.explain import evaluate_patient
+
+    filters = tuple(only)
+
+    def wanted(name: str) -> bool:
+        return not filters or any(f in name for f in filters)
 
     after_dir = Path(mappings_dir).resolve() if mappings_dir else MAPPINGS_DIR
     site = Path(site_config) if site_config else None
@@ -216,7 +222,7 @@ def run_impact(
         if Path(against).is_dir():
             before_dir, before_label = Path(against).resolve(), str(against)
         else:
-            before_dir, before_label = extract_revision(against, Path(tmp)), f"git {against}"
+            before_dir, before_label = extract_revision(against, Path(tmp), after_dir), f"git {against}"
         after_label = str(mappings_dir) if mappings_dir else "working tree"
         before = _load(before_dir, site, before_label)
         after = _load(after_dir, site, after_label)
@@ -224,13 +230,17 @@ def run_impact(
 
         if include_cases:
             # Cases keep their own site configuration (a folder's site.yaml), as `mappings test` runs them.
-            old_engines, new_engines = Engines(before_dir), Engines(after_dir)
+            reuse = site is None  # the sets just loaded are what cases without a site.yaml run with
+            old_engines = Engines(before_dir, before if reuse else None)
+            new_engines = Engines(after_dir, after if reuse else None)
             paths = {p.relative_to(after_dir): p for p in case_files(after_dir)}
             for p in case_files(before_dir):
                 paths.setdefault(p.relative_to(before_dir), p)
             count = 0
             for rel, path in sorted(paths.items()):
                 name = f"{path.parent.name.removesuffix('.cases')}/{path.stem}"
+                if not wanted(name):
+                    continue
                 decisions: list[list[Decision | None]] = []
                 try:
                     for engines, base in ((old_engines, before_dir), (new_engines, after_dir)):
@@ -250,6 +260,8 @@ def run_impact(
             new_s = after if site else _load(after_dir, story_site, after_label)
             count = 0
             for path in sorted(folder.glob("*.json")):
+                if not wanted(path.stem):
+                    continue
                 try:
                     patient = load_patient(path)
                 except InputError as exc:
@@ -269,6 +281,8 @@ def run_impact(
                 continue
             count = report.evaluated.get("cohort", 0)
             for ref in refs:
+                if not wanted(ref.patient_id or Path(ref.key).stem):
+                    continue
                 try:
                     patient = read_patient(ref, after, fhir_token=fhir_token)
                 except (InputError, CohortError) as exc:

@@ -125,7 +125,8 @@ MISTAKES = [
     Mistake(
         "missing-quote",
         "policies/mgbhp-031.yaml",
-        "    quote: >-\n      Intravenous ketamine may be considered medically necessary for members 18 years of age or older\n",
+        "    quote: >-\n      Intravenous ketamine may be considered medically necessary for members 18 years of age"
+        " or older\n",
         "",
         "missing 'quote'",
         at="  - id: initial-age",
