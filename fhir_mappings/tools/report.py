@@ -72,6 +72,12 @@ def evaluate_ref(ref: PatientRef) -> dict[str, Any]:
         )
     except (InputError, CohortError) as exc:
         return {"patient": ref.patient_id or Path(ref.key).stem, "error": str(exc), "decisions": []}
+    except Exception as exc:  # one unreadable record is a row of the report, not the end of it
+        return {
+            "patient": ref.patient_id or Path(ref.key).stem,
+            "error": f"{type(exc).__name__}: {exc}",
+            "decisions": [],
+        }
     route = mappings.router.resolve(evaluation.record)
     plan = route.plan.label if route.plan else (route.reason or "—")
     explanations = []

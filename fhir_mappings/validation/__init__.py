@@ -66,9 +66,13 @@ def mapping_files(base: Path) -> list[Path]:
 
 
 def _fingerprint(base: Path, site_config: Path | None) -> str:
+    """Content of every data file of the set (fixture cases aside): a changed file means a new validation."""
     digest = hashlib.sha256(str(base).encode())
-    for path in [*mapping_files(base), base / "valuesets" / "rxnorm_ingredients.json"]:
-        digest.update(path.name.encode())
+    files = sorted(
+        p for p in base.rglob("*") if p.suffix in (".yaml", ".yml", ".json") and not any(".cases" in d for d in p.parts)
+    )
+    for path in [*mapping_files(base), *files]:
+        digest.update(str(path.relative_to(base)).encode())
         digest.update(path.read_bytes() if path.is_file() else b"\0missing")
     if site_config is not None:
         digest.update(site_config.read_bytes() if site_config.is_file() else b"\0missing")
