@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from fhir_mappings import derivations as _derivations  # noqa: F401  (registers the derive functions)
+from fhir_mappings import mappings as _mappings
+from fhir_mappings import policy as _policy
+from fhir_mappings import queries as _queries
+from fhir_mappings import valuesets as _valuesets
 from fhir_mappings.facts import DERIVATIONS
 from fhir_mappings.model import CriterionKind, Outcome
 from fhir_mappings.orders import OrderKind
@@ -50,6 +54,18 @@ _IDENTIFIER_VALUE = {
     "required": ["system", "value"],
     "additionalProperties": False,
 }
+
+
+def _loader_keys(module: Any, name: str) -> frozenset[str]:
+    """The keys a loader accepts (its own constant), so the schema never refuses what the service would load."""
+    return frozenset(getattr(module, name, ()) or ())
+
+
+def _accepting(properties: dict[str, Any], module: Any, name: str) -> dict[str, Any]:
+    """`properties` plus any key the loader accepts that is not described here yet (allowed, not typed)."""
+    for key in sorted(_loader_keys(module, name) - set(properties)):
+        properties[key] = {"description": "accepted by the loader; not yet described in this schema"}
+    return properties
 
 
 def _only(key: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -262,38 +278,42 @@ def policy_schema() -> dict[str, Any]:
     text_with_thresholds = {**_TEXT, "description": "text; numbers that restate a threshold are written {name}"}
     criterion = {
         "type": "object",
-        "properties": {
-            "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
-            "kind": {"enum": [k.value for k in CriterionKind]},
-            "title": _TEXT,
-            "quote": {**_TEXT, "description": "the policy sentence this criterion implements"},
-            "how": text_with_thresholds,
-            "phases": {"type": "array", "items": _TEXT, "minItems": 1},
-            "met_when": rule_ref,
-            "not_met_when": rule_ref,
-            "holds_when": rule_ref,
-            "lifted_by": rule_ref,
-            "case_by_case_when": rule_ref,
-            "ask": text_with_thresholds,
-            "not_met_text": text_with_thresholds,
-            "case_by_case_text": text_with_thresholds,
-            "clearance": _TEXT,
-            "suggestion": {
-                "type": "object",
-                "properties": {
-                    "label": _TEXT,
-                    "resource": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"},
-                    "code": {
-                        "type": "object",
-                        "properties": {"system": _TEXT, "code": _TEXT, "display": {"type": "string"}},
-                        "required": ["system", "code"],
-                        "additionalProperties": False,
+        "properties": _accepting(
+            {
+                "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
+                "kind": {"enum": [k.value for k in CriterionKind]},
+                "title": _TEXT,
+                "quote": {**_TEXT, "description": "the policy sentence this criterion implements"},
+                "how": text_with_thresholds,
+                "phases": {"type": "array", "items": _TEXT, "minItems": 1},
+                "met_when": rule_ref,
+                "not_met_when": rule_ref,
+                "holds_when": rule_ref,
+                "lifted_by": rule_ref,
+                "case_by_case_when": rule_ref,
+                "ask": text_with_thresholds,
+                "not_met_text": text_with_thresholds,
+                "case_by_case_text": text_with_thresholds,
+                "clearance": _TEXT,
+                "suggestion": {
+                    "type": "object",
+                    "properties": {
+                        "label": _TEXT,
+                        "resource": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"},
+                        "code": {
+                            "type": "object",
+                            "properties": {"system": _TEXT, "code": _TEXT, "display": {"type": "string"}},
+                            "required": ["system", "code"],
+                            "additionalProperties": False,
+                        },
                     },
+                    "required": ["label", "resource", "code"],
+                    "additionalProperties": False,
                 },
-                "required": ["label", "resource", "code"],
-                "additionalProperties": False,
             },
-        },
+            _policy,
+            "_CRITERION_KEYS",
+        ),
         "required": ["id", "kind", "title", "quote", "how"],
         "additionalProperties": False,
         "allOf": [
@@ -341,42 +361,50 @@ def policy_schema() -> dict[str, Any]:
     }
     meta = {
         "type": "object",
-        "properties": {
-            "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]*$"},
-            "payer": _TEXT,
-            "number": _TEXT,
-            "title": _TEXT,
-            "url": {"type": "string", "pattern": "^https://"},
-            "effective": {"type": "string"},
-            "applies_to": {"type": "array", "items": {"enum": [k.value for k in OrderKind]}, "minItems": 1},
-            "source_file": {"type": "string"},
-            "prior_authorization": {"enum": ["required", "not-stated"]},
-        },
+        "properties": _accepting(
+            {
+                "id": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]*$"},
+                "payer": _TEXT,
+                "number": _TEXT,
+                "title": _TEXT,
+                "url": {"type": "string", "pattern": "^https://"},
+                "effective": {"type": "string"},
+                "applies_to": {"type": "array", "items": {"enum": [k.value for k in OrderKind]}, "minItems": 1},
+                "source_file": {"type": "string"},
+                "prior_authorization": {"enum": ["required", "not-stated"]},
+            },
+            _policy,
+            "_POLICY_KEYS",
+        ),
         "required": ["id", "payer", "number", "title", "url", "applies_to"],
         "additionalProperties": False,
     }
     schema = {
         "type": "object",
-        "properties": {
-            "policy": meta,
-            "phase_name": {"enum": ["phase", "service"]},
-            "thresholds": {
-                "type": "object",
-                "propertyNames": {"pattern": IDENTIFIER},
-                "additionalProperties": {"type": "number", "description": "a number (not a quoted string)"},
+        "properties": _accepting(
+            {
+                "policy": meta,
+                "phase_name": {"enum": ["phase", "service"]},
+                "thresholds": {
+                    "type": "object",
+                    "propertyNames": {"pattern": IDENTIFIER},
+                    "additionalProperties": {"type": "number", "description": "a number (not a quoted string)"},
+                },
+                "facts": {
+                    "type": "object",
+                    "propertyNames": {"pattern": IDENTIFIER},
+                    "additionalProperties": {"$ref": "#/$defs/fact"},
+                },
+                "scope": {"type": "array", "items": scope},
+                "phases": {"type": "array", "items": phase, "minItems": 1},
+                "criteria": {"type": "array", "items": criterion, "minItems": 1},
+                "notes": {"type": "array", "items": _NAME},
+                "obligations": _STRINGS,
+                "links": {"type": "array", "items": _LINK},
             },
-            "facts": {
-                "type": "object",
-                "propertyNames": {"pattern": IDENTIFIER},
-                "additionalProperties": {"$ref": "#/$defs/fact"},
-            },
-            "scope": {"type": "array", "items": scope},
-            "phases": {"type": "array", "items": phase, "minItems": 1},
-            "criteria": {"type": "array", "items": criterion, "minItems": 1},
-            "notes": {"type": "array", "items": _NAME},
-            "obligations": _STRINGS,
-            "links": {"type": "array", "items": _LINK},
-        },
+            _policy,
+            "_TOP_KEYS",
+        ),
         "required": ["policy", "criteria"],
         "additionalProperties": False,
     }
@@ -444,23 +472,31 @@ def facts_schema() -> dict[str, Any]:
 def valuesets_schema() -> dict[str, Any]:
     concept = {
         "type": "object",
-        "properties": {
-            "code": {"type": "string", "pattern": r"\S", "description": "the code, always quoted"},
-            "display": {"type": "string"},
-            "verification": {"enum": list(VERIFICATION)},
-            "note": {"type": "string"},
-        },
+        "properties": _accepting(
+            {
+                "code": {"type": "string", "pattern": r"\S", "description": "the code, always quoted"},
+                "display": {"type": "string"},
+                "verification": {"enum": list(VERIFICATION)},
+                "note": {"type": "string"},
+            },
+            _valuesets,
+            "_CONCEPT_KEYS",
+        ),
         "required": ["code"],
         "additionalProperties": False,
     }
     include = {
         "type": "object",
-        "properties": {
-            "system": {"type": "string", "pattern": r"^\S+$"},
-            "match": {"enum": ["exact", "prefix", "ingredient"]},
-            "prefixes": {"type": "array", "items": {"type": "string", "pattern": r"\S"}, "minItems": 1},
-            "concepts": {"type": "array", "items": concept},
-        },
+        "properties": _accepting(
+            {
+                "system": {"type": "string", "pattern": r"^\S+$"},
+                "match": {"enum": ["exact", "prefix", "ingredient"]},
+                "prefixes": {"type": "array", "items": {"type": "string", "pattern": r"\S"}, "minItems": 1},
+                "concepts": {"type": "array", "items": concept},
+            },
+            _valuesets,
+            "_INCLUDE_KEYS",
+        ),
         "required": ["system"],
         "additionalProperties": False,
         "if": {"properties": {"match": {"const": "prefix"}}, "required": ["match"]},
@@ -469,16 +505,20 @@ def valuesets_schema() -> dict[str, Any]:
     }
     value_set = {
         "type": "object",
-        "properties": {
-            "title": _TEXT,
-            "policy_refs": _STRINGS,
-            "verification": {"enum": list(VERIFICATION)},
-            "source": _TEXT,
-            "notes": {"type": "string"},
-            "include": {"type": "array", "items": include},
-            "text_patterns": _STRINGS,
-            "site_configurable": {"type": "boolean"},
-        },
+        "properties": _accepting(
+            {
+                "title": _TEXT,
+                "policy_refs": _STRINGS,
+                "verification": {"enum": list(VERIFICATION)},
+                "source": _TEXT,
+                "notes": {"type": "string"},
+                "include": {"type": "array", "items": include},
+                "text_patterns": _STRINGS,
+                "site_configurable": {"type": "boolean"},
+            },
+            _valuesets,
+            "_SET_KEYS",
+        ),
         "required": ["title", "verification", "source", "include"],
         "additionalProperties": False,
     }
@@ -497,23 +537,31 @@ def queries_schema() -> dict[str, Any]:
     resource_types = {"type": "array", "items": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"}, "minItems": 1}
     query = {
         "type": "object",
-        "properties": {
-            "template": {"type": "string", "pattern": "^[A-Z][A-Za-z]+(/|\\?|$)"},
-            "supplies": resource_types,
-            "required": {"type": "boolean"},
-            "code_valuesets": {"type": "array", "items": _NAME, "minItems": 1},
-        },
+        "properties": _accepting(
+            {
+                "template": {"type": "string", "pattern": "^[A-Z][A-Za-z]+(/|\\?|$)"},
+                "supplies": resource_types,
+                "required": {"type": "boolean"},
+                "code_valuesets": {"type": "array", "items": _NAME, "minItems": 1},
+            },
+            _queries,
+            "_QUERY_KEYS",
+        ),
         "required": ["template", "supplies"],
         "additionalProperties": False,
     }
     rule = {
         "type": "object",
-        "properties": {
-            "from": resource_types,
-            "paths": {"type": "array", "items": _JSONPATH, "minItems": 1},
-            "draft_orders_only": {"type": "boolean"},
-            "within_days": {"type": "integer", "minimum": 0},
-        },
+        "properties": _accepting(
+            {
+                "from": resource_types,
+                "paths": {"type": "array", "items": _JSONPATH, "minItems": 1},
+                "draft_orders_only": {"type": "boolean"},
+                "within_days": {"type": "integer", "minimum": 0},
+            },
+            _queries,
+            "_RULE_KEYS",
+        ),
         "required": ["from", "paths"],
         "additionalProperties": False,
     }
@@ -529,11 +577,15 @@ def queries_schema() -> dict[str, Any]:
             "resolve_references": {"type": "array", "items": rule},
             "limits": {
                 "type": "object",
-                "properties": {
-                    "max_pages_per_query": {"type": "integer", "minimum": 1},
-                    "max_reference_ids_per_type": {"type": "integer", "minimum": 1},
-                    "reference_rounds": {"type": "integer", "minimum": 0},
-                },
+                "properties": _accepting(
+                    {
+                        "max_pages_per_query": {"type": "integer", "minimum": 1},
+                        "max_reference_ids_per_type": {"type": "integer", "minimum": 1},
+                        "reference_rounds": {"type": "integer", "minimum": 0},
+                    },
+                    _queries,
+                    "_LIMIT_KEYS",
+                ),
                 "additionalProperties": False,
             },
         },
@@ -628,7 +680,7 @@ def site_config_schema() -> dict[str, Any]:
         "required": ["system", "code"],
         "additionalProperties": False,
     }
-    schema = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": {
             "credentialed_clinics": {
@@ -657,6 +709,7 @@ def site_config_schema() -> dict[str, Any]:
         },
         "additionalProperties": False,
     }
+    _accepting(schema["properties"], _mappings, "_SITE_KEYS")
     return _document("site-config", "ketamine-cds site configuration (--site-config)", schema)
 
 
