@@ -140,6 +140,7 @@ def register(sub: Any) -> None:
         default=[],
         help="only patients (case, story, cohort id) containing TEXT",
     )
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
     _mappings_option(p)
     _format_option(p, ("text", "json", "markdown"))
 
@@ -356,6 +357,7 @@ def _impact(args: argparse.Namespace) -> int:
             include_stories=not args.no_stories,
             fhir_token=args.fhir_token,
             only=args.only,
+            workers=args.workers,
         )
     except ImpactError as exc:
         return _fail(str(exc))

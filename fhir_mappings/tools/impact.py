@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import multiprocessing
+import os
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 from fhir_mappings.mappings import MAPPINGS_DIR, MappingError, Mappings, SiteConfig
 from fhir_mappings.model import Decision
 from fhir_mappings.tools.cases import CaseError, Engines, branch_of, case_files, evaluate_case
-from fhir_mappings.tools.records import InputError, PatientInput, load_patient
+from fhir_mappings.tools.records import InputError, load_patient
 
 
 class ImpactError(ValueError):
@@ -196,6 +199,50 @@ def stories_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+_STATE: dict[str, Any] = {}  # what worker processes evaluate with (inherited by fork)
+
+
+def _run_job(job: tuple[Any, ...]) -> tuple[str, list[Change], str | None]:
+    """One patient decided by both mapping sets: (source, changes, error)."""
+    from fhir_mappings.tools.cohort import CohortError, read_patient
+    from fhir_mappings.tools.explain import evaluate_patient
+
+    kind = job[0]
+    try:
+        if kind == "case":
+            _, name, targets = job
+            decisions = [
+                [evaluate_case(target, engines.for_folder(target.parent)).decision]
+                for engines, target in zip(_STATE["engines"], targets, strict=True)
+            ]
+            return "case", compare(name, "case", decisions[0], decisions[1]), None
+        if kind == "story":
+            _, path = job
+            before, after = _STATE["story_sets"]
+            patient = load_patient(path)
+            b = evaluate_patient(before, patient, as_of=_STATE["as_of"]).decisions
+            a = evaluate_patient(after, load_patient(path), as_of=_STATE["as_of"]).decisions
+            return "story", compare(patient.label, "story", list(b), list(a)), None
+        _, ref = job
+        before, after = _STATE["sets"]
+        patient = read_patient(ref, after, fhir_token=_STATE["fhir_token"])
+        b = evaluate_patient(before, patient, as_of=_STATE["as_of"]).decisions
+        a = evaluate_patient(after, patient, as_of=_STATE["as_of"]).decisions
+        return "cohort", compare(patient.label or patient.patient_id, "cohort", list(b), list(a)), None
+    except (CaseError, MappingError, KeyError, InputError, CohortError) as exc:
+        label = job[1] if kind == "case" else (job[1].stem if kind == "story" else job[1].key)
+        return kind, [], f"{kind} {label}: {exc}"
+
+
+def _run_jobs(jobs: list[tuple[Any, ...]], workers: int | None) -> list[tuple[str, list[Change], str | None]]:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    if workers == 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_run_job(job) for job in jobs]
+    context = multiprocessing.get_context("fork")  # workers inherit the loaded mapping sets
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_run_job, jobs, chunksize=max(1, len(jobs) // (workers * 4))))
+
+
 def run_impact(
     *,
     against: str,
@@ -207,9 +254,9 @@ def run_impact(
     fhir_token: str | None = None,
     as_of: Any = None,
     only: Iterable[str] = (),
+    workers: int | None = None,
 ) -> ImpactReport:
-    from fhir_mappings.tools.cohort import CohortError, list_patients, read_patient
-    from fhir_mappings.tools.explain import evaluate_patient
+    from fhir_mappings.tools.cohort import CohortError, list_patients
 
     filters = tuple(only)
 
@@ -227,51 +274,35 @@ def run_impact(
         before = _load(before_dir, site, before_label)
         after = _load(after_dir, site, after_label)
         report = ImpactReport(before_label, after_label, before.version, after.version)
+        _STATE.update(sets=(before, after), as_of=as_of, fhir_token=fhir_token)
+        jobs: list[tuple[Any, ...]] = []
 
         if include_cases:
             # Cases keep their own site configuration (a folder's site.yaml), as `mappings test` runs them.
             reuse = site is None  # the sets just loaded are what cases without a site.yaml run with
-            old_engines = Engines(before_dir, before if reuse else None)
-            new_engines = Engines(after_dir, after if reuse else None)
+            engines = (Engines(before_dir, before if reuse else None), Engines(after_dir, after if reuse else None))
             paths = {p.relative_to(after_dir): p for p in case_files(after_dir)}
             for p in case_files(before_dir):
                 paths.setdefault(p.relative_to(before_dir), p)
-            count = 0
             for rel, path in sorted(paths.items()):
                 name = f"{path.parent.name.removesuffix('.cases')}/{path.stem}"
                 if not wanted(name):
                     continue
-                decisions: list[list[Decision | None]] = []
-                try:
-                    for engines, base in ((old_engines, before_dir), (new_engines, after_dir)):
-                        own = base / rel
-                        target = own if own.is_file() else path
-                        decisions.append([evaluate_case(target, engines.for_folder(target.parent)).decision])
-                except (CaseError, MappingError, KeyError) as exc:
-                    report.errors.append(f"case {name}: {exc}")
-                    continue
-                count += 1
-                report.changes += compare(name, "case", decisions[0], decisions[1])
-            report.evaluated["case"] = count
+                targets = tuple(base / rel if (base / rel).is_file() else path for base in (before_dir, after_dir))
+                for engine, target in zip(engines, targets, strict=True):
+                    try:
+                        engine.for_folder(target.parent)  # load each folder's set once, before the workers fork
+                    except MappingError as exc:
+                        raise ImpactError(f"{target.parent}: the mapping set does not load: {exc}") from None
+                jobs.append(("case", name, targets))
+            _STATE["engines"] = engines
 
         if include_stories and (folder := stories_dir()) is not None:
             story_site = site or (folder.parent / "site-config.yaml")
             old_s = before if site else _load(before_dir, story_site, before_label)
             new_s = after if site else _load(after_dir, story_site, after_label)
-            count = 0
-            for path in sorted(folder.glob("*.json")):
-                if not wanted(path.stem):
-                    continue
-                try:
-                    patient = load_patient(path)
-                except InputError as exc:
-                    report.errors.append(f"story {path.stem}: {exc}")
-                    continue
-                count += 1
-                b = evaluate_patient(old_s, patient, as_of=as_of).decisions
-                a = evaluate_patient(new_s, _fresh(path), as_of=as_of).decisions
-                report.changes += compare(patient.label, "story", list(b), list(a))
-            report.evaluated["story"] = count
+            _STATE["story_sets"] = (old_s, new_s)
+            jobs += [("story", path) for path in sorted(folder.glob("*.json")) if wanted(path.stem)]
 
         for source in cohorts:
             try:
@@ -279,23 +310,14 @@ def run_impact(
             except CohortError as exc:
                 report.errors.append(f"cohort {source}: {exc}")
                 continue
-            count = report.evaluated.get("cohort", 0)
-            for ref in refs:
-                if not wanted(ref.patient_id or Path(ref.key).stem):
-                    continue
-                try:
-                    patient = read_patient(ref, after, fhir_token=fhir_token)
-                except (InputError, CohortError) as exc:
-                    report.errors.append(f"cohort {source}: {exc}")
-                    continue
-                count += 1
-                b = evaluate_patient(before, patient, as_of=as_of).decisions
-                a = evaluate_patient(after, patient, as_of=as_of).decisions
-                report.changes += compare(patient.label or patient.patient_id, "cohort", list(b), list(a))
-            report.evaluated["cohort"] = count
+            jobs += [("cohort", ref) for ref in refs if wanted(ref.patient_id or Path(ref.key).stem)]
+
+        for kind in dict.fromkeys(job[0] for job in jobs):
+            report.evaluated[kind] = 0
+        for kind, changes, error in _run_jobs(jobs, workers):
+            if error is not None:
+                report.errors.append(error)
+                continue
+            report.evaluated[kind] += 1
+            report.changes += changes
     return report
-
-
-def _fresh(path: Path) -> PatientInput:
-    """A second copy of a story (evaluation never mutates it, but the two sets must not share one)."""
-    return load_patient(path)
