@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import date
 from typing import Any, Protocol
 
-from cards.config import CARD_TYPE_SYSTEM, TOPIC_BY_OUTCOME, TOPIC_DISPLAY
+from cards.config import CARD_TYPE_SYSTEMS, DEFAULT_CRD_VERSION, TOPIC_BY_OUTCOME, TOPIC_DISPLAY
 from cards.text import (
     SERVICE_LABEL,
     SUMMARY_MAX,
@@ -26,6 +26,7 @@ from cards.text import (
     payer_of,
     policy_long,
     policy_short,
+    reference_links,
     service_name,
     stable_uuid,
 )
@@ -236,22 +237,6 @@ def _criteria_block(decision: Decision, level: int) -> list[str]:
     return lines
 
 
-def _links(decision: Decision) -> list[tuple[str, str]]:
-    """The decision's links (governing program first for variations), then the policy; http(s) only, no repeats."""
-    pairs: list[tuple[str, str]] = [(label, url) for label, url in decision.links]
-    if decision.policy and decision.policy.url:
-        pairs.append((f"{policy_long(decision.policy)}: {one_line(decision.policy.title)}", decision.policy.url))
-    seen: set[str] = set()
-    links: list[tuple[str, str]] = []
-    for label, url in pairs:
-        url = str(url).strip()
-        if not re.match(r"^https?://[^/\s]+", url) or url in seen or not one_line(label):
-            continue
-        seen.add(url)
-        links.append((one_line(label), url))
-    return links
-
-
 def detail(decision: Decision, level: int = 0) -> str:
     """GitHub-flavoured markdown, most important first; no raw HTML."""
     lines: list[str] = []
@@ -290,7 +275,7 @@ def detail(decision: Decision, level: int = 0) -> str:
     if decision.obligations:
         lines += ["**After the service, document:**", ""]
         lines += [f"- {md_text(o)}" for o in decision.obligations if one_line(o)] + [""]
-    links = _links(decision)
+    links = reference_links(decision)
     if links:
         lines += ["**References:** " + " · ".join(md_link(label, url) for label, url in links), ""]
     return "\n".join(lines).strip()
@@ -399,7 +384,7 @@ def _override_reasons(decision: Decision) -> list[dict[str, str]]:
     return []
 
 
-def _source(decision: Decision, topic: str) -> dict[str, Any]:
+def _source(decision: Decision, topic: str, crd_version: str) -> dict[str, Any]:
     if decision.policy:
         label = policy_long(decision.policy)
     else:
@@ -410,7 +395,7 @@ def _source(decision: Decision, topic: str) -> dict[str, Any]:
     source: dict[str, Any] = {"label": clip(label, 200)}
     if decision.policy and re.match(r"^https?://[^/\s]+", decision.policy.url or ""):
         source["url"] = decision.policy.url
-    source["topic"] = {"system": CARD_TYPE_SYSTEM, "code": topic, "display": TOPIC_DISPLAY[topic]}
+    source["topic"] = {"system": CARD_TYPE_SYSTEMS[crd_version], "code": topic, "display": TOPIC_DISPLAY[topic]}
     return source
 
 
@@ -420,15 +405,26 @@ def card_uuid(decision: Decision, hook_instance: str) -> str:
     return stable_uuid("card", hook_instance, key, *decision.order_refs)
 
 
-def build_card(decision: Decision, *, uuid: str, patient_id: str, user_id: str, today: date) -> dict[str, Any]:
-    """The card for one decision (the caller supplies a uuid unique within the response)."""
+def build_card(
+    decision: Decision,
+    *,
+    uuid: str,
+    patient_id: str,
+    user_id: str,
+    today: date,
+    crd_version: str = DEFAULT_CRD_VERSION,
+) -> dict[str, Any]:
+    """The card for one decision (the caller supplies a uuid unique within the response).
+
+    CRD 2.0 and 2.2 cards differ only in the card-type system of `source.topic`.
+    """
     topic = TOPIC_BY_OUTCOME[decision.outcome]
     card: dict[str, Any] = {
         "uuid": uuid,
         "summary": summary(decision),
         "indicator": INDICATOR[decision.outcome],
         "detail": fitted_detail(decision),
-        "source": _source(decision, topic),
+        "source": _source(decision, topic, crd_version),
     }
     extra = suggestions(decision, uuid, patient_id=patient_id, user_id=user_id, today=today)
     if extra:
@@ -437,7 +433,7 @@ def build_card(decision: Decision, *, uuid: str, patient_id: str, user_id: str, 
     reasons = _override_reasons(decision)
     if reasons:
         card["overrideReasons"] = [dict(r) for r in reasons]
-    links = _links(decision)
+    links = reference_links(decision)
     if links:
         card["links"] = [{"label": clip(label, 200), "url": url, "type": "absolute"} for label, url in links]
     # The decision model owns the extension's shape (coverage included, empties dropped except `evidence`).

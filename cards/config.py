@@ -13,7 +13,23 @@ from typing import Any
 
 from fhir_mappings.model import Outcome
 
+# The CRD versions this service answers in (major.minor, as `davinci-crd.version` declares them), and the one a
+# call gets when it does not ask: `davinci-crd.requestedVersion` was introduced by CRD 2.2, so a client that does
+# not send it predates 2.2 and gets 2.0 (CRD 2.0.1) answers, exactly as before 2.2 was served.
+CRD_2_0 = "2.0"
+CRD_2_2 = "2.2"
+CRD_VERSIONS = (CRD_2_0, CRD_2_2)
+DEFAULT_CRD_VERSION = CRD_2_0
+
+# No-policy reasons (Decision.program) that CRD 2.2 hook-13 answers with HTTP 400 instead of a response: the
+# primary Coverage does not name a payer this endpoint handles — no Coverage, several, or another payer.
+HOOK_13_REASONS = frozenset({"no-active-coverage", "coverage-ambiguous", "payer-not-handled"})
+
 CARD_TYPE_SYSTEM = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"  # CRD 2.0.1 card types
+# CRD 2.2 ValueSet cardType = all codes of HL7 Terminology's cdshooks-card-type (same codes; the CRD temp system
+# is kept "for backwards compatibility only").
+CARD_TYPE_SYSTEM_22 = "http://terminology.hl7.org/CodeSystem/cdshooks-card-type"
+CARD_TYPE_SYSTEMS = {CRD_2_0: CARD_TYPE_SYSTEM, CRD_2_2: CARD_TYPE_SYSTEM_22}
 COVERAGE_INFO = "coverage-info"
 GUIDELINE = "guideline"
 OFF_GUIDELINE = "off-guideline"

@@ -171,3 +171,19 @@ def md_link(label: str, url: str) -> str:
     label = md_text(label).replace("[", "\\[").replace("]", "\\]")
     url = url.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
     return f"[{label}]({url})"
+
+
+def reference_links(decision: Decision) -> list[tuple[str, str]]:
+    """The decision's links (governing program first for variations), then the policy; http(s) only, no repeats."""
+    pairs: list[tuple[str, str]] = [(label, url) for label, url in decision.links]
+    if decision.policy and decision.policy.url:
+        pairs.append((f"{policy_long(decision.policy)}: {one_line(decision.policy.title)}", decision.policy.url))
+    seen: set[str] = set()
+    links: list[tuple[str, str]] = []
+    for label, url in pairs:
+        url = str(url).strip()
+        if not re.match(r"^https?://[^/\s]+", url) or url in seen or not one_line(label):
+            continue
+        seen.add(url)
+        links.append((one_line(label), url))
+    return links

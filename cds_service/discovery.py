@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cards import CONFIGURATION_OPTIONS
+from cds_service.crd_version import REQUESTED_VERSION, SERVED_VERSIONS
 from fhir_mappings.queries import QuerySet
 
 SERVICE_ID = "ketamine-prior-auth"
@@ -22,7 +23,8 @@ DESCRIPTION = (
 USAGE = (
     "Send a JWT (ES384 or RS384) from a trusted issuer on every hook and feedback call. Prefetch is "
     "optional: anything not prefetched is read from fhirServer with fhirAuthorization; only FHIR servers "
-    "registered for the caller's issuer are contacted."
+    "registered for the caller's issuer are contacted. Da Vinci CRD 2.0 (2.0.1) and 2.2 (2.2.1): send the "
+    f'request extension "{REQUESTED_VERSION}": "2.2" for CRD 2.2 answers; without it the answers are CRD 2.0.'
 )
 
 
@@ -37,7 +39,10 @@ def discovery_document(queries: QuerySet) -> dict[str, Any]:
                 "description": DESCRIPTION,
                 "usageRequirements": USAGE,
                 "prefetch": queries.discovery_prefetch(),
-                "extension": {"davinci-crd.configuration-options": CONFIGURATION_OPTIONS},
+                "extension": {
+                    "davinci-crd.version": SERVED_VERSIONS,  # CRD 2.2 dev-1/dev-2: every version served
+                    "davinci-crd.configuration-options": CONFIGURATION_OPTIONS,
+                },
             }
         ]
     }

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+CRD_RULE = "crd"  # Issue.rule of a request that is valid CDS Hooks and FHIR but breaks a CRD constraint
+
 
 @dataclass(frozen=True)
 class Issue:
@@ -18,6 +20,7 @@ class Issue:
     code: str = "invalid"
     severity: str = "error"
     expression: str | None = None  # FHIRPath-ish location in the request, e.g. "context.draftOrders.entry[0]"
+    rule: str | None = None  # CRD_RULE: breaks a CRD-only constraint (CRD 2.2 answers 422; anything else 400)
 
     def to_json(self) -> dict[str, Any]:
         issue: dict[str, Any] = {

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from cards import build_response
 from cds_service.auth import Caller, fhir_server_allowed
+from cds_service.crd_version import error_status, refuse_unhandled_coverage, requested_version
 from cds_service.errors import Issue, ServiceError
 from cds_service.hook_request import HookRequest, parse_json, validate_orders_fhir, validate_request
 from cds_service.prefetch import FhirAccess, gather_record
@@ -41,6 +42,15 @@ class HookOutcome:
 
 def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) -> HookOutcome:
     body = parse_json(raw)
+    version = requested_version(body)  # 422 for a CRD version this service does not serve
+    try:
+        return _order_sign(state, body, caller, version)
+    except ServiceError as exc:
+        exc.status = error_status(version, exc)  # CRD 2.2: 400 unless only a CRD-specific rule is broken
+        raise
+
+
+def _order_sign(state: ServiceState, body: Any, caller: Caller | None, version: str) -> HookOutcome:
     req = validate_request(body, lenient=state.config.lenient)
     groups = state.mappings.triage(req.draft_orders, _known_medications(req))
     if not groups:
@@ -61,6 +71,7 @@ def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) ->
         draft_orders=req.draft_orders,
     )
     decisions = state.mappings.decide(record, groups)
+    refuse_unhandled_coverage(version, decisions)  # CRD 2.2 hook-13: 400 when the payer is not handled here
     response = build_response(
         decisions,
         req.draft_orders,
@@ -69,6 +80,7 @@ def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) ->
         user_id=req.user_id,
         today=now.date(),
         configuration=req.configuration,
+        crd_version=version,
     )
     return HookOutcome(
         kind="evaluated",

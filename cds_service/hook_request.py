@@ -18,7 +18,7 @@ from typing import Any
 
 import jsonschema
 
-from cds_service.errors import Issue, ServiceError
+from cds_service.errors import CRD_RULE, Issue, ServiceError
 
 HOOK = "order-sign"
 # Request resources an order-sign draftOrders Bundle may carry: order-sign 1.0 (Device/Medication/Nutrition/
@@ -209,7 +209,7 @@ def _semantic_issues(
         where = f"context.draftOrders.entry[{index}].resource"
         key = f"{order['resourceType']}/{order['id']}"
         if key in seen:
-            issues.append(Issue(f"{where}: duplicate draft order id {key}", expression=where))
+            issues.append(Issue(f"{where}: duplicate draft order id {key}", expression=where, rule=CRD_RULE))
         seen.add(key)
         subject = order.get("subject") or order.get("patient")
         ref = subject.get("reference") if isinstance(subject, dict) else None
@@ -217,7 +217,8 @@ def _semantic_issues(
             issues.append(Issue(f"{where}.subject: does not reference context.patientId", expression=where))
         if not lenient and order["resourceType"] in ("MedicationRequest", "ServiceRequest"):
             if not isinstance(order.get("requester"), dict):
-                issues.append(Issue(f"{where}.requester: missing (required by CRD order profiles)", expression=where))
+                missing = f"{where}.requester: missing (required by CRD order profiles)"
+                issues.append(Issue(missing, expression=where, rule=CRD_RULE))
             if ref is None:
                 issues.append(Issue(f"{where}.subject: missing", expression=where))
     return issues

@@ -27,7 +27,12 @@ from fhir_mappings.model import (
 from fhir_mappings.orders import OrderGroup
 from fhir_mappings.policy import Criterion, Phase, Policy
 from fhir_mappings.record import Availability, PatientRecord
-from fhir_mappings.rules import Verdict
+from fhir_mappings.rules import Rule, Verdict
+
+
+def _unread(criterion: Criterion, ctx: FactContext) -> tuple[str, ...]:
+    """The resource types the criterion reads that were not fully read."""
+    return tuple(t for t in sorted(criterion.reads) if ctx.record.availability(t) is not Availability.READ)
 
 
 def _checked(criterion: Criterion, ctx: FactContext) -> str:
@@ -58,6 +63,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
         missing: str = "",
         cleared: tuple[Evidence, ...] = (),
         case_by_case: bool = False,
+        unavailable: tuple[str, ...] = (),
         branch: str = "",
     ) -> CriterionResult:
         if trace is not None:
@@ -78,6 +84,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
             cleared_by=cleared,
             case_by_case=case_by_case,
             clearable=clearable,
+            unavailable=unavailable,
             suggestion=(
                 {"label": suggestion.label, "resource": suggestion.resource_type, "code": dict(suggestion.code)}
                 if suggestion is not None and status is Status.UNKNOWN
@@ -93,7 +100,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
 
     if criterion.kind is CriterionKind.REQUIREMENT:
         assert criterion.met_when is not None
-        met = criterion.met_when.evaluate(ctx)
+        met = _strictly(criterion.met_when, ctx)
         if met.value is True:
             return result(Status.MET, met, branch="met_when is true")
         if met.value is False and criterion.not_met_when is not None:
@@ -112,13 +119,20 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
                 branch="case_by_case_when is true",
             )
         why = "met_when is unknown" if met.value is None else "met_when is false, not_met_when is not true"
-        return result(Status.UNKNOWN, met, _checked(criterion, ctx), criterion.ask, branch=why)
+        return result(
+            Status.UNKNOWN,
+            met,
+            _checked(criterion, ctx),
+            criterion.ask,
+            unavailable=_unread(criterion, ctx),
+            branch=why,
+        )
 
     assert criterion.holds_when is not None
     holds = criterion.holds_when.evaluate(ctx)
     if holds.value is True:
         if criterion.lifted_by is not None:
-            lifted = criterion.lifted_by.evaluate(ctx)
+            lifted = _strictly(criterion.lifted_by, ctx)
             if lifted.value is True:
                 return result(
                     Status.NOT_MET,
@@ -139,7 +153,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
             return result(Status.MET, holds, text, branch="holds_when is true, lifted_by is false")
         return result(Status.MET, holds, "present", branch="holds_when is true")
     if holds.value is None and criterion.lifted_by is not None:
-        lifted = criterion.lifted_by.evaluate(ctx)
+        lifted = _strictly(criterion.lifted_by, ctx)
         if lifted.value is True:
             return result(
                 Status.NOT_MET,
@@ -159,9 +173,26 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
             branch="case_by_case_when is true",
         )
     if holds.value is None:
-        ask = criterion.ask or "Document whether this applies."
-        return result(Status.UNKNOWN, holds, _checked(criterion, ctx), ask, branch="holds_when is unknown")
+        return result(
+            Status.UNKNOWN,
+            holds,
+            _checked(criterion, ctx),
+            criterion.ask or "Document whether this applies.",
+            unavailable=_unread(criterion, ctx),
+            branch="holds_when is unknown",
+        )
     return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence", branch="holds_when is false")
+
+
+def _strictly(rule: Rule, ctx: FactContext) -> Verdict:
+    """Evaluate a conclusion that moves toward authorization (a requirement met, an exclusion lifted): evidence
+    recognised only from text counts as unknown there (issue 8: where text is the only evidence, prefer unknown
+    with the text quoted over met)."""
+    ctx.strict = True
+    try:
+        return rule.evaluate(ctx)
+    finally:
+        ctx.strict = False
 
 
 def _unique(evidence: Iterable[Evidence]) -> tuple[Evidence, ...]:

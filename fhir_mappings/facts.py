@@ -28,9 +28,12 @@ from typing import Any
 import yaml
 from jsonpath_ng.ext import parse as jsonpath_parse
 
-from fhir_mappings.model import Evidence, Fact, FactState
+from fhir_mappings.model import Bounds, Evidence, Fact, FactState
 from fhir_mappings.orders import OrderGroup
-from fhir_mappings.record import Availability, PatientRecord, medication_concepts
+from fhir_mappings.reading.dates import DateSpan, parse_span
+from fhir_mappings.reading.text import normalise
+from fhir_mappings.reading.values import CodeTest, PolarityReading, Reading, read_polarity, readings
+from fhir_mappings.record import Availability, PatientRecord, as_list, medication_concepts
 from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 
@@ -102,11 +105,18 @@ class StatusCheck:
     values: frozenset[str]
     exclude: bool  # True for not_in
     missing_passes: bool
+    uncertain: frozenset[str] = frozenset()  # values that keep the resource, but not as certain evidence
 
     def accepts(self, resource: Resource) -> bool:
+        return self.verdict(resource) is not False
+
+    def verdict(self, resource: Resource) -> bool | None:
+        """True: passes; False: filtered out; None: kept as uncertain (e.g. a provisional diagnosis)."""
         found = [v for v in self.path.values(resource) if isinstance(v, str)]
         if not found:
             return self.missing_passes
+        if any(v in self.uncertain for v in found):
+            return None
         hit = any(v in self.values for v in found)
         return not hit if self.exclude else hit
 
@@ -118,7 +128,14 @@ class StatusFilter:
     checks: tuple[StatusCheck, ...]
 
     def accepts(self, resource: Resource) -> bool:
-        return all(c.accepts(resource) for c in self.checks)
+        return self.verdict(resource) is not False
+
+    def verdict(self, resource: Resource) -> bool | None:
+        """True (passes), False (filtered out) or None (kept, but what it says is not certain)."""
+        verdicts = [c.verdict(resource) for c in self.checks]
+        if any(v is False for v in verdicts):
+            return False
+        return None if any(v is None for v in verdicts) else True
 
 
 # --- definitions -----------------------------------------------------------------------------------
@@ -143,10 +160,40 @@ class SelectFact:
     shape: Shape
     fields: Mapping[str, tuple[CompiledPath, ...]]
     answers: tuple[str, ...]  # value sets tested against valueCodeableConcept -> item field "answers"
+    panel: tuple[str, ...] = ()  # Observation panels whose components / members hold the selected result
+    value_range: tuple[float, float] | None = None  # a result outside it is not a valid score (kept, uncertain)
+    polarity: Polarity | None = None  # how a qualitative result reads as positive / negative (field "positive")
+    reasons: ReasonSources | None = None  # Condition facts: also diagnoses stated as another resource's reason
 
     @property
     def reads(self) -> tuple[str, ...]:
-        return (self.resource_type,)
+        return (self.resource_type, *(self.reasons.types if self.reasons else ()))
+
+
+@dataclass(frozen=True)
+class ReasonSources:
+    """Where else a diagnosis is recorded when no Condition resource holds it: the reasonCode of an Encounter,
+    Procedure, MedicationRequest or MedicationAdministration (an ED visit for delirium, an antibiotic for
+    pneumonia). `within_days` bounds how old such a statement may be for a *current* condition (None: any)."""
+
+    types: tuple[str, ...]
+    within_days: int | None
+
+
+@dataclass(frozen=True)
+class Polarity:
+    """When an Observation's result means "yes / positive / present" (item field `positive` True), "no /
+    negative / absent" (False) or cannot be told (None): coded answers in `positive` / `negative` value sets,
+    valueBoolean, an exact answer word in valueString, interpretation codes, and for quantitative results the
+    reference range or the `positive_at_least` / `negative_below` cut-offs (in `unit`)."""
+
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    quantitative: bool = False  # a number is the result (e.g. serum hCG mIU/mL): high means positive
+    positive_at_least: float | None = None
+    negative_below: float | None = None
+    units: tuple[str, ...] = ()  # units the cut-offs are in; a quantity in another unit is read by range only
+    code_asserts: bool = False  # the code states the finding: with no value at all it reads as positive
 
 
 Derivation = Callable[["FactContext", Mapping[str, Any], "DeriveFact"], Fact]
@@ -276,7 +323,14 @@ class FactLibrary:
             if fn not in DERIVATIONS:
                 raise FactError(f"{where}: unknown derivation {fn!r} (known: {', '.join(sorted(DERIVATIONS))})")
             return DeriveFact(name, str(spec.get("description", "")), fn, dict(spec.get("params") or {}))
-        _expect_keys(spec, {"description", "resource", "valueset", "filter", "fields", "answers", *_SHAPE_KEYS}, where)
+        _expect_keys(
+            spec,
+            {
+                "description", "resource", "valueset", "filter", "fields", "answers", "panel", "range", "polarity",
+                "reasons", *_SHAPE_KEYS,
+            },
+            where,
+        )  # fmt: skip
         rtype = spec.get("resource")
         if rtype not in self.shapes:
             raise FactError(f"{where}: resource {rtype!r} has no shape (known: {', '.join(sorted(self.shapes))})")
@@ -301,6 +355,23 @@ class FactLibrary:
                 medication=shape.medication and "code" not in overrides,
             )
         fields = {k: _compile_paths(v, f"{where}.fields.{k}") for k, v in (spec.get("fields") or {}).items()}
+        panel = spec.get("panel") or []
+        panel = tuple(panel) if isinstance(panel, list) else (panel,)
+        for vs in panel:
+            if vs not in self.registry:
+                raise FactError(f"{where}.panel: unknown value set {vs!r}")
+        value_range = spec.get("range")
+        if value_range is not None:
+            if (
+                not isinstance(value_range, list)
+                or len(value_range) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value_range)
+                or value_range[0] > value_range[1]
+            ):
+                raise FactError(f"{where}.range: expected [min, max] numbers")
+            value_range = (float(value_range[0]), float(value_range[1]))
+        if (panel or value_range or "polarity" in spec) and rtype != "Observation":
+            raise FactError(f"{where}: panel / range / polarity apply to Observation facts only")
         return SelectFact(
             name=name,
             description=str(spec.get("description", "")),
@@ -310,6 +381,43 @@ class FactLibrary:
             shape=shape,
             fields=fields,
             answers=tuple(spec.get("answers") or ()),
+            panel=panel,
+            value_range=value_range,
+            polarity=self._compile_polarity(spec["polarity"], f"{where}.polarity") if "polarity" in spec else None,
+            reasons=_compile_reasons(spec["reasons"], rtype, f"{where}.reasons") if "reasons" in spec else None,
+        )
+
+    def _compile_polarity(self, spec: Any, where: str) -> Polarity:
+        _expect_keys(
+            spec,
+            {"positive", "negative", "quantitative", "positive_at_least", "negative_below", "units", "code_asserts"},
+            where,
+        )
+        sets: dict[str, tuple[str, ...]] = {}
+        for key in ("positive", "negative"):
+            raw = spec.get(key) or []
+            values = tuple(raw) if isinstance(raw, list) else (raw,)
+            for vs in values:
+                if vs not in self.registry:
+                    raise FactError(f"{where}.{key}: unknown value set {vs!r}")
+            sets[key] = values
+        if not sets["positive"] or not sets["negative"]:
+            raise FactError(f"{where}: needs both 'positive' and 'negative' answer value sets")
+        cutoffs = {}
+        for key in ("positive_at_least", "negative_below"):
+            value = spec.get(key)
+            if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise FactError(f"{where}.{key}: expected a number")
+            cutoffs[key] = float(value) if value is not None else None
+        quantitative = spec.get("quantitative", False)
+        code_asserts = spec.get("code_asserts", False)
+        if not isinstance(quantitative, bool) or not isinstance(code_asserts, bool):
+            raise FactError(f"{where}: quantitative / code_asserts: expected true or false")
+        units = spec.get("units") or []
+        if not isinstance(units, list) or not all(isinstance(u, str) for u in units):
+            raise FactError(f"{where}.units: expected a list of unit strings")
+        return Polarity(
+            sets["positive"], sets["negative"], quantitative, units=tuple(units), code_asserts=code_asserts, **cutoffs
         )
 
 
@@ -322,6 +430,24 @@ def _expect_keys(node: Any, allowed: set[str], where: str) -> None:
     extra = set(node) - allowed
     if extra:
         raise FactError(f"{where}: unexpected key(s) {', '.join(sorted(extra))}")
+
+
+_REASON_TYPES = ("Encounter", "Procedure", "MedicationRequest", "MedicationAdministration")
+
+
+def _compile_reasons(spec: Any, rtype: str, where: str) -> ReasonSources:
+    if rtype != "Condition":
+        raise FactError(f"{where}: 'reasons' applies to Condition facts only")
+    _expect_keys(spec, {"types", "within_days"}, where)
+    # Encounters and procedures state diagnoses; medication reasons are allowed but not the default (a failed
+    # medication query would otherwise leave every exclusion undetermined)
+    types = spec.get("types", ["Encounter", "Procedure"])
+    if not isinstance(types, list) or not types or any(t not in _REASON_TYPES for t in types):
+        raise FactError(f"{where}.types: a list of {', '.join(_REASON_TYPES)}")
+    days = spec.get("within_days")
+    if days is not None and (not isinstance(days, int) or isinstance(days, bool) or days < 0):
+        raise FactError(f"{where}.within_days: a non-negative integer")
+    return ReasonSources(tuple(types), days)
 
 
 def _compile_shape(spec: Any, where: str) -> Shape:
@@ -342,7 +468,7 @@ def _compile_filter(name: str, spec: Any, where: str) -> StatusFilter:
     checks = []
     for i, check in enumerate(spec.get("checks") or []):
         cw = f"{where}.checks[{i}]"
-        _expect_keys(check, {"path", "in", "not_in", "missing"}, cw)
+        _expect_keys(check, {"path", "in", "not_in", "missing", "uncertain"}, cw)
         if ("in" in check) == ("not_in" in check):
             raise FactError(f"{cw}: exactly one of 'in' / 'not_in'")
         if check.get("missing", "pass") not in ("pass", "fail"):
@@ -354,6 +480,7 @@ def _compile_filter(name: str, spec: Any, where: str) -> StatusFilter:
                 values=frozenset(values),
                 exclude="not_in" in check,
                 missing_passes=check.get("missing", "pass") == "pass",
+                uncertain=frozenset(check.get("uncertain") or ()),
             )
         )
     return StatusFilter(name, str(spec.get("description", "")), tuple(checks))
@@ -447,6 +574,7 @@ class FactContext:
         self.record = record
         self.group = group
         self.today: date = record.now.date() if isinstance(record.now, datetime) else record.now
+        self.strict = False  # set by the engine while it evaluates a conclusion toward authorization
         self._cache: dict[str, Fact] = {}
         self._in_progress: set[str] = set()
         self._concepts: dict[tuple[int, int], list[dict[str, Any]]] = {}
@@ -533,14 +661,26 @@ class FactContext:
         resource: Resource,
         match: CodeMatch | None,
         *,
-        when: date | None,
-        date_text: str | None,
+        when: date | None = None,
+        date_text: str | None = None,
+        span: DateSpan | None = None,
         value: Any = None,
         fields: Mapping[str, Any] | None = None,
         codes: Iterable[str] = (),
         note: str | None = None,
         display: str | None = None,
+        path: str | None = None,
+        certain: bool = True,
+        support: Iterable[Evidence] = (),
     ) -> Item:
+        """One item with its evidence. `span` (a possibly partial date) sets the item's date and window span;
+        `certain=False` keeps the item as evidence that can never satisfy a rule on its own; a `match` made on
+        text alone marks the item text-only (it cannot meet a requirement, see rules.FactSource.strict)."""
+        text_only = match is not None and match.via == "text"
+        if text_only:
+            note = "; ".join(n for n in (note, "named only in text, no code") if n)
+        if span is not None:
+            when, date_text = span.low, date_text or span.text
         evidence = Evidence(
             reference=reference_of(resource),
             date=date_text,
@@ -548,12 +688,36 @@ class FactContext:
             display=display or (match.display if match else None),
             value=format_value(value),
             note=note,
+            path=path,
         )
-        all_fields = {"value": numeric(value), **(fields or {})}
-        return Item(evidence=evidence, date=when, fields=all_fields, codes=frozenset(codes))
+        all_fields = {"value": numeric(value), **(fields or {})}  # a "value" in fields wins (e.g. Bounds)
+        return Item(
+            evidence=evidence,
+            date=when,
+            fields=all_fields,
+            codes=frozenset(codes),
+            span=(span.low, span.high) if span is not None and not span.exact else None,
+            certain=certain,
+            text_only=text_only,
+            support=tuple(support),
+        )
+
+    def span(self, resource: Resource, paths: Iterable[CompiledPath]) -> tuple[DateSpan | None, str | None]:
+        """The first of `paths` that holds a (possibly partial) date, and the path's text."""
+        for compiled in paths:
+            for value in compiled.values(resource):
+                found = parse_span(value)
+                if found is not None:
+                    return found, compiled.text
+        return None, None
+
+    def resolver(self) -> Callable[[Any, Resource], Resource | None]:
+        return lambda ref, holder: self.record.resolve(ref, within=holder)
 
     # -- select facts --------------------------------------------------------------------------------
     def _select(self, definition: SelectFact) -> Fact:
+        if definition.resource_type == "Observation":
+            return self._select_observations(definition)
         items: list[Item] = []
         shape = definition.shape
         for resource in self.record.of_type(definition.resource_type):
@@ -569,33 +733,228 @@ class FactContext:
                     match = match or m
             if match is None:
                 continue
-            if definition.status_filter and not definition.status_filter.accepts(resource):
+            status = definition.status_filter.verdict(_as_filtered(resource)) if definition.status_filter else True
+            if status is False:
                 continue
-            date_text = first_value(shape.date, resource)
-            value = first_value(shape.value, resource) if shape.value else None
+            span, date_path = self.span(resource, shape.date)
+            end_span, _ = self.span(resource, shape.end) if shape.end else (None, None)
             fields: dict[str, Any] = {
-                "end": parse_fhir_date(first_value(shape.end, resource)) if shape.end else None,
-                "status": _status_of(resource),
+                # an end date (abatement) as a (earliest, latest) pair when partial: windows decide at both ends
+                "end": (end_span.low if end_span.exact else (end_span.low, end_span.high)) if end_span else None,
+                "status": _status_of(_as_filtered(resource)),
             }
             for fname, paths in definition.fields.items():
                 fields[fname] = first_value(paths, resource)
-            if definition.answers:
-                answer_concepts = [value] if isinstance(value, Mapping) and "coding" in value else []
-                fields["answers"] = frozenset(
-                    vs for vs in definition.answers if answer_concepts and self.match(vs, answer_concepts)
-                )
+            doubts = _doubts(status, match)
             items.append(
                 self.item_for(
                     resource,
                     match,
-                    when=parse_fhir_date(date_text),
-                    date_text=date_text if isinstance(date_text, str) else None,
-                    value=value,
+                    span=span,
                     fields=fields,
                     codes=matched_sets,
+                    path=date_path,
+                    certain=not doubts,
+                    note="; ".join(doubts) or None,
                 )
             )
+        if definition.reasons is not None:
+            items.extend(self._stated_reasons(definition, {i.evidence.reference for i in items}))
         return self.make_fact(definition.name, items, definition.reads)
+
+    def _stated_reasons(self, definition: SelectFact, conditions: set[str]) -> list[Item]:
+        """Diagnoses of the fact's value sets stated as the reasonCode of other resources (a Condition they
+        reference is read as a Condition already), dated by that resource; recent enough for a current fact."""
+        from fhir_mappings.reading.dates import first_span  # local: dates is imported lazily elsewhere too
+
+        assert definition.reasons is not None
+        paths = {
+            "Encounter": ("period.start",),
+            "Procedure": ("performedDateTime", "performedPeriod.start"),
+            "MedicationRequest": ("authoredOn",),
+            "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
+        }
+        done = {"entered-in-error", "cancelled", "not-done", "planned"}
+        items: list[Item] = []
+        for rtype in definition.reasons.types:
+            for resource in self.record.of_type(rtype):
+                if resource.get("status") in done:
+                    continue
+                concepts = [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+                if not concepts:
+                    continue
+                matched = [vs for vs in definition.valuesets if self.match(vs, concepts) is not None]
+                if not matched:
+                    continue
+                span, _ = first_span(resource, paths[rtype])
+                window = definition.reasons.within_days
+                if window is not None and (span is None or (self.today - span.high).days > window):
+                    continue
+                match = self.match(matched[0], concepts)
+                items.append(
+                    self.item_for(
+                        resource,
+                        match,
+                        span=span,
+                        fields={"end": None, "status": None},
+                        codes=matched,
+                        path="reasonCode",
+                        note=f"stated as the reason for {rtype}/{resource.get('id')}",
+                    )
+                )
+        return items
+
+    def _select_observations(self, definition: SelectFact) -> Fact:
+        """Observation facts read every result shape (value[x], components, panel members) through
+        `reading.values`; each result found is one item, deduplicated by the Observation that holds it."""
+        shape = definition.shape
+        resolve = self.resolver()
+
+        def selects(concept: Mapping[str, Any]) -> bool:
+            return any(self.match(vs, [dict(concept)]) is not None for vs in definition.valuesets)
+
+        def is_panel(concept: Mapping[str, Any]) -> bool:
+            return any(self.match(vs, [dict(concept)]) is not None for vs in definition.panel)
+
+        items: list[Item] = []
+        seen: set[str] = set()
+        for observation in self.record.of_type("Observation"):
+            status = definition.status_filter.verdict(observation) if definition.status_filter else True
+            if status is False:
+                continue
+            for reading in readings(observation, selects, resolve, panel=is_panel if definition.panel else None):
+                holder = reading.holder
+                member = holder is not observation and holder.get("resourceType") == "Observation"
+                key = f"{reference_of(holder)}#{reading.path.split('→')[-1]}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                holder_status = (
+                    definition.status_filter.verdict(holder) if member and definition.status_filter else status
+                )
+                if holder_status is False:
+                    continue
+                match = self._first_match(definition.valuesets, _code_of(holder, reading.path))
+                span = self.span(holder, shape.date)[0] if member else None
+                if span is None:
+                    span = self.span(observation, shape.date)[0]
+                items.append(self._observation_item(definition, observation, reading, match, span, holder_status))
+        return self.make_fact(definition.name, items, definition.reads)
+
+    def _first_match(self, valuesets: Iterable[str], concept: Mapping[str, Any] | None) -> CodeMatch | None:
+        if not isinstance(concept, Mapping):
+            return None
+        for vs in valuesets:
+            found = self.match(vs, [dict(concept)])
+            if found is not None:
+                return found
+        return None
+
+    def _observation_item(
+        self,
+        definition: SelectFact,
+        observation: Resource,
+        reading: Reading,
+        match: CodeMatch | None,
+        span: DateSpan | None,
+        status: bool | None,
+    ) -> Item:
+        number = reading.number()
+        doubts = _doubts(status, match)
+        if reading.kind == "absent":
+            doubts.append("no result: " + (format_value(reading.raw) or "data absent"))
+        if reading.kind == "none" and definition.polarity is None:
+            doubts.append("no result recorded")
+        if definition.value_range is not None and number is not None:
+            low, high = definition.value_range
+            n_low, n_high = (number.low, number.high) if isinstance(number, Bounds) else (number, number)
+            if n_low < low or n_high > high:
+                doubts.append(f"value outside the scale's range {low:g}–{high:g}")
+        raw = None if reading.kind in ("absent", "none") else reading.raw
+        fields: dict[str, Any] = {
+            "value": number if number is not None else raw,  # Bounds stay Bounds: rules compare both ends
+            "status": observation.get("status") if isinstance(observation.get("status"), str) else None,
+        }
+        for fname, paths in definition.fields.items():
+            fields[fname] = first_value(paths, reading.holder)
+        if definition.answers:
+            answer_concepts = [dict(reading.concept)] if reading.concept is not None else []
+            fields["answers"] = frozenset(
+                vs for vs in definition.answers if answer_concepts and self.match(vs, answer_concepts)
+            )
+        notes = list(doubts)
+        if definition.polarity is not None:
+            polarity = self.polarity(definition.polarity, reading)
+            fields["positive"] = polarity.value
+            said = {True: "positive", False: "negative", None: "undetermined"}[polarity.value]
+            notes.insert(0, f"{said}: {polarity.how}")
+        code = _code_of(reading.holder, reading.path)
+        return self.item_for(
+            reading.holder,
+            match,
+            span=span,
+            value=number if number is not None else raw,
+            fields=fields,
+            codes=[vs for vs in definition.valuesets if self._first_match([vs], code) is not None],
+            note="; ".join(notes) or None,
+            path=reading.path,
+            certain=not doubts,
+        )
+
+    def polarity(self, spec: Polarity, reading: Reading) -> PolarityReading:
+        def in_sets(sets: tuple[str, ...]) -> CodeTest:
+            return lambda concept: any(self.match(vs, [dict(concept)]) is not None for vs in sets)
+
+        def answer_words(text: str) -> bool | None:
+            said = normalise(text)
+            if not said:
+                return None
+            for sets, answer in ((spec.positive, True), (spec.negative, False)):
+                for vs in sets:
+                    if said in self.registry.get(vs).normalised_patterns():
+                        return answer
+            return None
+
+        return read_polarity(
+            reading,
+            is_positive=in_sets(spec.positive),
+            is_negative=in_sets(spec.negative),
+            answer_words=answer_words,
+            quantitative=spec.quantitative,
+            positive_at_least=spec.positive_at_least,
+            negative_below=spec.negative_below,
+            cutoff_units=spec.units,
+            code_asserts=spec.code_asserts,
+        )
+
+
+def _doubts(status: bool | None, match: CodeMatch | None) -> list[str]:
+    """Why an item may not be taken as certain: an uncertain status (provisional, preliminary …)."""
+    return ["status not confirmed (e.g. provisional, differential, preliminary)"] if status is None else []
+
+
+def _code_of(resource: Resource, path: str) -> Mapping[str, Any] | None:
+    """The code of the element a reading came from: a component's code, else the resource's code."""
+    own = path.split("→")[-1]
+    if own.startswith("component["):
+        index = int(own[len("component[") : own.index("]")])
+        components = as_list(resource.get("component"))
+        if 0 <= index < len(components) and isinstance(components[index], Mapping):
+            return components[index].get("code")
+    code = resource.get("code")
+    return code if isinstance(code, Mapping) else None
+
+
+def _as_filtered(resource: Resource) -> Resource:
+    """A Condition with an abatement and no clinicalStatus is not current: R4 invariant con-4 says an abated
+    condition's status is inactive, resolved or remission. Filters see it as resolved."""
+    if (
+        resource.get("resourceType") == "Condition"
+        and resource.get("clinicalStatus") is None
+        and any(k.startswith("abatement") and resource.get(k) not in (None, False) for k in resource)
+    ):
+        return {**resource, "clinicalStatus": {"coding": [{"code": "resolved"}]}}
+    return resource
 
 
 def _concept_key(concept: Mapping[str, Any]) -> tuple[Any, ...]:

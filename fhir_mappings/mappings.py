@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from fhir_mappings import derivations as _derivations  # noqa: F401  (registers the derive functions)
+from fhir_mappings import derive as _derive  # noqa: F401  (registers the derive functions)
 from fhir_mappings.engine import evaluate_policy
 from fhir_mappings.facts import FactError, FactLibrary
 from fhir_mappings.model import Decision, Evidence, Outcome

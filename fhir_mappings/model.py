@@ -23,9 +23,38 @@ class Evidence:
     display: str | None = None  # human label of the code or resource
     value: str | None = None  # "18", "172/95 mm[Hg]", "84 % of days covered"
     note: str | None = None  # how the evidence was interpreted
+    path: str | None = None  # where inside the resource the value was read ("component[0].valueQuantity.value")
 
     def to_json(self) -> dict[str, str]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A number known only between two bounds (a partial date's age, a PDC with an unknown fill, an age from a
+    birth year). A comparison with it is decided only when it holds the same way at both ends."""
+
+    low: float
+    high: float
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise ValueError(f"Bounds low {self.low} above high {self.high}")
+
+    @property
+    def exact(self) -> bool:
+        return self.low == self.high
+
+    def __str__(self) -> str:
+        def show(v: float) -> str:
+            return f"{v:g}" if abs(v) < 1e15 else ("∞" if v > 0 else "-∞")
+
+        return show(self.low) if self.exact else f"{show(self.low)}–{show(self.high)}"
+
+
+def exact_or_bounds(low: float, high: float) -> float | Bounds:
+    """A plain number when both ends agree, else Bounds."""
+    return low if low == high else Bounds(low, high)
 
 
 class FactState(StrEnum):
@@ -77,6 +106,9 @@ class CriterionResult:
     case_by_case: bool = False  # the policy leaves it to individual review: needs documentation, not a guess
     clearable: bool = False  # an exclusion the policy lets documented specialist clearance lift
     suggestion: Mapping[str, Any] | None = None  # {"label", "resource", "code"}: an order that would help
+    # Resource types the criterion needed but could not (fully) read, when that is why it is unknown: a
+    # technical gap (CRD 2.2 `indeterminate`), not missing documentation.
+    unavailable: tuple[str, ...] = ()
 
     def evidence_refs(self) -> list[str]:
         refs: list[str] = []

@@ -386,7 +386,7 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
 
 def load_policies(shared: FactLibrary, directory: str | Path = POLICY_DIR) -> dict[str, Policy]:
     policies: dict[str, Policy] = {}
-    for path in sorted(Path(directory).glob("*.yaml")):
+    for path in sorted(p for p in Path(directory).glob("*.yaml") if not p.name.endswith(".matrix.yaml")):
         policy = load_policy(path, shared)
         if policy.id in policies:
             raise PolicyError(f"{path.name}: duplicate policy id {policy.id!r}")

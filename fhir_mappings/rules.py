@@ -3,7 +3,7 @@
 A rule is a small YAML/JSON structure an informaticist can read next to the policy text:
 
     all / any: [rule, ...]            not: rule
-    exists: FACT  [where: COND] [absent: unknown] [after: {fact: FACT, where: COND}]
+    exists: FACT  [where: COND] [absent: unknown] [after: {fact: FACT, where: COND} or a list of them]
     count: FACT   [where: COND]  ">=": 4          (also >, <=, <, ==)
     distinct: FACT field: NAME [where: COND] ">=": 2
     latest: FACT  [where: COND]  then: COND [absent: unknown]
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Protocol
 
-from fhir_mappings.model import Evidence, Fact, FactState
+from fhir_mappings.model import Bounds, Evidence, Fact, FactState
 
 Truth = bool | None
 MAX_EVIDENCE = 12
@@ -55,15 +55,29 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True)
 class Item:
-    """One element of a fact: a diagnosis, a score, a treatment trial, a practitioner role, ..."""
+    """One element of a fact: a diagnosis, a score, a treatment trial, a practitioner role, ...
+
+    `date` is the earliest day the item can be dated to; `span` (when the source date was partial, or the
+    item covers several days) is every day it can stand for, and time windows are decided over all of it.
+    `support` is further evidence that shows a decision taken on this item (e.g. the sessions already on
+    record behind "a fourth session"); rules cite it with the item.
+    """
 
     evidence: Evidence
     date: date | None = None
     fields: Mapping[str, Any] = field(default_factory=dict)
     codes: frozenset[str] = frozenset()  # value-set ids the item's code belongs to (for code_in)
+    span: tuple[date, date] | None = None  # (earliest, latest) day the item's date can stand for
+    support: tuple[Evidence, ...] = ()
+    certain: bool = True  # False: provisional, preliminary, out of range …: can make a rule unknown, never true
+    text_only: bool = False  # recognised from its text alone (no code): never meets a requirement on its own
 
     def get(self, name: str) -> Any:
         return self.fields.get(name)
+
+    @property
+    def latest_date(self) -> date | None:
+        return self.span[1] if self.span else self.date
 
 
 @dataclass(frozen=True)
@@ -75,16 +89,33 @@ class Verdict:
     def of(value: Truth, items: list[Item] | tuple[Item, ...] = ()) -> Verdict:
         seen: dict[str, Evidence] = {}
         for item in items:
-            seen.setdefault(item.evidence.reference + (item.evidence.date or ""), item.evidence)
+            for evidence in (item.evidence, *item.support):
+                seen.setdefault(evidence.reference + (evidence.date or ""), evidence)
             if len(seen) >= MAX_EVIDENCE:
                 break
         return Verdict(value, tuple(seen.values()))
 
 
+def compare(op: str, actual: Any, expected: Any) -> Truth:
+    """`actual op expected`, three-valued: Bounds decide only when both ends agree; a type mismatch is unknown."""
+    if isinstance(actual, Bounds):
+        low, high = compare(op, actual.low, expected), compare(op, actual.high, expected)
+        return low if low == high else None
+    try:
+        return bool(_OPS[op](actual, expected))
+    except TypeError:
+        return None
+
+
 class FactSource(Protocol):
-    """Where rules get facts from during one evaluation (cached per order group and policy)."""
+    """Where rules get facts from during one evaluation (cached per order group and policy).
+
+    `strict` is set while a conclusion that moves toward authorization is evaluated (a requirement met, an
+    exclusion lifted): then an item recognised only from text (`Item.text_only`) counts as unknown, not true.
+    """
 
     today: date
+    strict: bool
 
     def fact(self, name: str) -> Fact: ...
 
@@ -144,10 +175,7 @@ class _FieldCond(Cond):
             return actual in self.value
         if self.op == "contains":
             return self.value in actual if isinstance(actual, set | frozenset | tuple | list) else None
-        try:
-            return _OPS[self.op](actual, self.value)
-        except TypeError:
-            return None
+        return compare(self.op, actual, self.value)
 
 
 @dataclass(frozen=True)
@@ -157,11 +185,18 @@ class _WithinDays(Cond):
     of: str | None = None  # a date field of the item (e.g. "end") instead of the item's date
 
     def test(self, item: Item, today: date) -> Truth:
-        when = item.get(self.of) if self.of else item.date
-        if not isinstance(when, date):
+        if self.of:
+            when = item.get(self.of)
+            span = when if isinstance(when, tuple) else ((when, when) if isinstance(when, date) else None)
+        else:
+            span = item.span or ((item.date, item.date) if isinstance(item.date, date) else None)
+        if span is None or not all(isinstance(d, date) for d in span):
             return None
-        age = (today - when).days  # negative for future dates, which count as recent
-        return age > self.days if self.older else age <= self.days
+        # Negative ages (future dates) count as recent. A partial date decides only when every day it can
+        # stand for gives the same answer.
+        oldest, newest = (today - span[0]).days, (today - span[1]).days
+        answers = {age > self.days if self.older else age <= self.days for age in (oldest, newest)}
+        return answers.pop() if len(answers) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -191,14 +226,16 @@ def _items(fact: Fact) -> tuple[Item, ...]:
     return value if isinstance(value, tuple) else ()
 
 
-def _partition(fact: Fact, where: Cond, today: date) -> tuple[list[Item], list[Item]]:
+def _partition(fact: Fact, where: Cond, src: FactSource) -> tuple[list[Item], list[Item]]:
+    """Items for which `where` holds, and items for which it may hold (unknown, or held by uncertain evidence)."""
     true_items: list[Item] = []
     unknown_items: list[Item] = []
+    strict = getattr(src, "strict", False)
     for item in _items(fact):
-        r = where.test(item, today)
-        if r is True:
+        r = where.test(item, src.today)
+        if r is True and item.certain and not (strict and item.text_only):
             true_items.append(item)
-        elif r is None:
+        elif r is not False:
             unknown_items.append(item)
     return true_items, unknown_items
 
@@ -251,10 +288,16 @@ class _After:
     fact_name: str
     where: Cond
 
-    def bound(self, src: FactSource) -> date | None:
-        items, _ = _partition(src.fact(self.fact_name), self.where, src.today)
-        dates = [i.date for i in items if i.date is not None]
-        return max(dates) if dates else None
+    def bound(self, src: FactSource) -> tuple[date, date] | None:
+        """(earliest, latest) day the latest item that matches — or may match — can be dated to; None without a
+        dated one. A clearance must postdate every possible trigger, not only the certain ones."""
+        fact = src.fact(self.fact_name)
+        items, maybe = _partition(fact, self.where, src)
+        doubtful = [i for i in _items(fact) if not i.certain]  # its values may be wrong: it may be a trigger
+        dated = [i for i in (*items, *maybe, *doubtful) if i.date is not None]
+        if not dated:
+            return None
+        return max(i.date for i in dated if i.date), max(i.latest_date for i in dated if i.latest_date)
 
 
 @dataclass(frozen=True)
@@ -263,16 +306,22 @@ class _Exists(Rule):
     where: Cond
     absent_unknown: bool
     facts: frozenset[str] = frozenset()
-    after: _After | None = None
+    after: tuple[_After, ...] = ()
 
     def evaluate(self, src: FactSource) -> Verdict:
         fact = src.fact(self.fact_name)
-        true_items, unknown_items = _partition(fact, self.where, src.today)
-        if self.after is not None:
-            bound = self.after.bound(src)
+        true_items, unknown_items = _partition(fact, self.where, src)
+        bounds = [b for b in (a.bound(src) for a in self.after) if b is not None]
+        if bounds:
+            bound = (max(b[0] for b in bounds), max(b[1] for b in bounds))  # after the latest of them all
             if bound is not None:
-                true_items = [i for i in true_items if i.date is not None and i.date >= bound]
-                unknown_items = [i for i in unknown_items if i.date is None or i.date >= bound]
+                earliest, latest = bound
+                # Surely after: the item's earliest day is on/after every day the bound can be. Possibly after:
+                # its latest day reaches the bound's earliest day — that one is undecided, not dropped.
+                surely = [i for i in true_items if i.date is not None and i.date >= latest]
+                maybe = [i for i in true_items if i not in surely and (i.latest_date or date.max) >= earliest]
+                unknown_items = [i for i in unknown_items if (i.latest_date or date.max) >= earliest] + maybe
+                true_items = surely
         if true_items:
             return Verdict.of(True, true_items)
         if unknown_items or not _complete(fact) or self.absent_unknown:
@@ -291,7 +340,7 @@ class _Count(Rule):
 
     def evaluate(self, src: FactSource) -> Verdict:
         fact = src.fact(self.fact_name)
-        true_items, unknown_items = _partition(fact, self.where, src.today)
+        true_items, unknown_items = _partition(fact, self.where, src)
         if self.distinct_field:
             name = self.distinct_field
             definite = {v for v in (i.get(name) for i in true_items) if v is not None}
@@ -329,14 +378,35 @@ class _Latest(Rule):
 
     def evaluate(self, src: FactSource) -> Verdict:
         fact = src.fact(self.fact_name)
-        true_items, _unknown = _partition(fact, self.where, src.today)
+        true_items, unknown_items = _partition(fact, self.where, src)
         dated = [i for i in true_items if i.date is not None]
         if not dated:
-            if not _complete(fact) or self.absent_unknown or true_items:
-                return Verdict.of(None, true_items)
+            if (
+                unknown_items
+                and not true_items
+                and _complete(fact)
+                and not self.absent_unknown
+                and all(i.certain and self.then.test(i, src.today) is False for i in unknown_items)
+            ):
+                # Items that may or may not match `where` (a partial date at a window's edge), each saying "no":
+                # whether they match or not, the answer is no.
+                return Verdict.of(False, unknown_items)
+            if not _complete(fact) or self.absent_unknown or true_items or unknown_items:
+                return Verdict.of(None, [*true_items, *unknown_items])
             return Verdict(False)
-        latest = max(dated, key=lambda i: i.date or date.min)
-        return Verdict.of(self.then.test(latest, src.today), [latest])
+        latest = max(dated, key=lambda i: (i.latest_date or date.min, i.date or date.min))
+        # Any item that could be the real latest — a certain one whose date may fall later, or one that may match
+        # `where` (uncertain evidence, a partial date at the window's edge) dated on or after it — must give the
+        # same answer; an item that may match is never taken to give it.
+        contenders = [i for i in dated if (i.latest_date or date.min) >= (latest.date or date.min)]
+        doubtful = [
+            i for i in unknown_items if i.date is None or (i.latest_date or date.min) >= (latest.date or date.min)
+        ]
+        answers = [self.then.test(i, src.today) for i in contenders]
+        value = answers[0] if all(a == answers[0] for a in answers) else None
+        if doubtful and value is not None and not all(self.then.test(i, src.today) == value for i in doubtful):
+            value = None
+        return Verdict.of(value, [*contenders, *doubtful])
 
 
 @dataclass(frozen=True)
@@ -350,10 +420,7 @@ class _Value(Rule):
         fact = src.fact(self.fact_name)
         if fact.state is not FactState.PRESENT or fact.value is None:
             return Verdict(None, fact.evidence)
-        try:
-            result = _OPS[self.op](fact.value, self.threshold) if self.op != "is" else fact.value == self.threshold
-        except TypeError:
-            return Verdict(None, fact.evidence)
+        result = compare(self.op, fact.value, self.threshold) if self.op != "is" else fact.value == self.threshold
         return Verdict(result, fact.evidence)
 
 
@@ -459,15 +526,17 @@ def compile_rule(node: Any, ctx: CompileContext, path: str | None = None) -> Rul
     if "exists" in node:
         _only_keys(node, {"exists", "where", "absent", "after"}, path)
         name = _fact_name(node, "exists", ctx, path)
-        after = None
-        if "after" in node:
-            spec = node["after"]
+        afters: list[_After] = []
+        specs = node.get("after", [])
+        for i, spec in enumerate(specs if isinstance(specs, list) else [specs]):
+            where_at = f"{path}.after" + (f"[{i}]" if isinstance(specs, list) else "")
             if not isinstance(spec, Mapping) or "fact" not in spec or set(spec) - {"fact", "where"}:
-                raise RuleError(f"{path}.after: needs 'fact' (and optionally 'where')")
-            after_fact = _fact_name(spec, "fact", ctx, f"{path}.after")
-            after_where = compile_cond(spec["where"], ctx, f"{path}.after.where") if "where" in spec else _TrueCond()
-            after = _After(after_fact, after_where)
-        facts = frozenset({name} | ({after.fact_name} if after else set()))
+                raise RuleError(f"{where_at}: needs 'fact' (and optionally 'where')")
+            after_fact = _fact_name(spec, "fact", ctx, where_at)
+            after_where = compile_cond(spec["where"], ctx, f"{where_at}.where") if "where" in spec else _TrueCond()
+            afters.append(_After(after_fact, after_where))
+        after = tuple(afters)
+        facts = frozenset({name} | {a.fact_name for a in after})
         return _Exists(name, where, absent_unknown, facts, after)
     if "count" in node or "distinct" in node:
         key = "count" if "count" in node else "distinct"
@@ -559,8 +628,8 @@ def describe_rule(rule: Rule) -> str:
 
     if isinstance(rule, _Exists):
         text = f"exists {rule.fact_name}{where(rule.where)}"
-        if rule.after is not None:
-            text += f", dated on or after the latest {rule.after.fact_name}{where(rule.after.where)}"
+        for after in rule.after if isinstance(rule.after, tuple) else (rule.after,) if rule.after else ():
+            text += f", dated on or after the latest {after.fact_name}{where(after.where)}"
         return text + (" (none on record: unknown)" if rule.absent_unknown else "")
     if isinstance(rule, _Count):
         counted = f"distinct {rule.distinct_field} of {rule.fact_name}" if rule.distinct_field else rule.fact_name

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from fhir_mappings.reading.text import TextFinding, pattern_regex, shared_reader, strongest
+
 __all__ = [
     "CPT",
     "HCPCS",
@@ -203,6 +205,7 @@ class CodeMatch:
     code: str  # as found in the data
     display: str | None  # from the data's coding, else from the value set
     via: str  # "exact" | "prefix" | "ingredient:<rxcui>" | "text"
+    assertion: str = "coded"  # "coded", or the ConText assertion of a text match ("affirmed", "historical")
 
     def label(self) -> str:
         """Short human label for cards, e.g. ``ICD-10-CM F33.2`` or ``text "ketamine troche"``."""
@@ -307,6 +310,7 @@ class ValueSet:
         # RxNorm ingredient RxCUI -> display, for `match: ingredient` includes
         self._ingredients: dict[str, str | None] = {}
         self._patterns: tuple[str, ...] = tuple(p for p in (_norm_text(t) for t in text_patterns) if p)
+        self._regexes: tuple[re.Pattern[str], ...] = tuple(r for r in map(pattern_regex, text_patterns) if r)
 
     # -- building (loader only) --
 
@@ -379,26 +383,44 @@ class ValueSet:
         if not self._patterns:
             return None
         text = concept.get("text")
-        if isinstance(text, str) and self._text_hit(text):
-            return CodeMatch(self.id, "", "", text, "text")
+        if isinstance(text, str):
+            finding = self.find_in_text(text)
+            if finding is not None and finding.assertion.positive:
+                return CodeMatch(self.id, "", "", text, "text", finding.assertion.value)
         for coding in codings:
             display = coding.get("display")
-            if isinstance(display, str) and self._text_hit(display):
-                code = coding.get("code")
-                return CodeMatch(
-                    self.id,
-                    canonical_system(coding.get("system")),
-                    code if isinstance(code, str) else "",
-                    display,
-                    "text",
-                )
+            if isinstance(display, str):
+                finding = self.find_in_text(display)
+                if finding is not None and finding.assertion.positive:
+                    code = coding.get("code")
+                    return CodeMatch(
+                        self.id,
+                        canonical_system(coding.get("system")),
+                        code if isinstance(code, str) else "",
+                        display,
+                        "text",
+                        finding.assertion.value,
+                    )
         return None
 
     def match_text(self, text: str | None) -> CodeMatch | None:
-        """Match free text alone against the text patterns (for resources that carry only narrative)."""
-        if isinstance(text, str) and self._patterns and self._text_hit(text):
-            return CodeMatch(self.id, "", "", text, "text")
-        return None
+        """Match free text alone against the text patterns (for resources that carry only narrative): only a
+        mention the text affirms (now or in the past) matches — not "no …", "possible …", "if …", "mother …"."""
+        finding = self.find_in_text(text) if isinstance(text, str) else None
+        if finding is None or not finding.assertion.positive:
+            return None
+        return CodeMatch(self.id, "", "", text, "text", finding.assertion.value)
+
+    def normalised_patterns(self) -> tuple[str, ...]:
+        """The text patterns in normalised form (" positive ", " not detected "), for exact answer-word tests."""
+        return self._patterns
+
+    def find_in_text(self, text: str) -> TextFinding | None:
+        """The deciding mention of this value set's text patterns in `text`, with its ConText assertion
+        (affirmed, negated, uncertain, hypothetical, historical, family); None when none is mentioned."""
+        if not self._patterns or not self._text_hit(text):
+            return None  # a cheap whole-word test first: most texts mention nothing
+        return strongest(shared_reader().find(text, self._regexes))
 
     def _text_hit(self, text: str) -> bool:
         norm = _norm_text(text)
@@ -682,6 +704,10 @@ class ValueSetRegistry:
         if canonical_system(system) != RXNORM or not isinstance(code, str):
             return frozenset()
         return self._rx.ingredients(code.strip())
+
+    def rxnorm_name(self, code: str) -> str | None:
+        """The RxNorm name of a product code in the offline map (carries the strength: "… 50 MG Oral Tablet")."""
+        return self._rx.names.get(code.strip()) if isinstance(code, str) else None
 
     def search_codes(self, vs_ids: Iterable[str]) -> list[tuple[str, str]]:
         """Union of ``ValueSet.search_codes`` over several sets, first occurrence order, no duplicates."""

@@ -282,6 +282,21 @@ def explain(mappings: Mappings, evaluation: Evaluation, decision: Decision) -> d
     return out
 
 
+# The engine evaluates conclusions that move toward authorization strictly (text-only evidence counts as unknown
+# there); the explanation re-evaluates them the same way.
+_STRICT_KEYS = ("met_when", "lifted_by")
+
+
+def _traced(rule: Any, ctx: FactContext, *, strict: bool) -> RuleTrace:
+    if not strict or not hasattr(ctx, "strict"):
+        return explain_rule(rule, ctx)
+    ctx.strict = True
+    try:
+        return explain_rule(rule, ctx)
+    finally:
+        ctx.strict = False
+
+
 def _criterion(policy: Policy, ctx: FactContext, result: Any) -> dict[str, Any]:
     criterion = next((c for c in policy.criteria if c.id == result.id), None)
     base: dict[str, Any] = {"id": result.id, "title": result.title, "status": result.status.value}
@@ -293,6 +308,8 @@ def _criterion(policy: Policy, ctx: FactContext, result: Any) -> dict[str, Any]:
         base["explanation"] = result.explanation
     if result.missing:
         base["missing"] = result.missing
+    if getattr(result, "unavailable", ()):
+        base["unavailable"] = list(result.unavailable)  # resource types it could not read
     if criterion is None:  # a scope rule reported as a criterion
         scope = next((s for s in policy.scope if s.id == result.id), None)
         if scope is not None:
@@ -305,7 +322,9 @@ def _criterion(policy: Policy, ctx: FactContext, result: Any) -> dict[str, Any]:
     base["branch"] = branch[-1] if branch else ""
     base["consistent"] = again.status is result.status
     base["rules"] = {
-        key: trace_json(explain_rule(rule, ctx)) for key in RULE_KEYS if (rule := getattr(criterion, key)) is not None
+        key: trace_json(_traced(rule, ctx, strict=key in _STRICT_KEYS))
+        for key in RULE_KEYS
+        if (rule := getattr(criterion, key)) is not None
     }
     base["facts"] = [fact_json(ctx.fact(name), ctx) for name in sorted(criterion.facts)]
     return base

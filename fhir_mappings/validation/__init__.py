@@ -55,11 +55,16 @@ def _display(path: Path) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
+def policy_files(base: Path) -> list[Path]:
+    """The policy files, as `load_policies` reads them (a `*.matrix.yaml` beside a policy is test data)."""
+    return sorted(p for p in (base / "policies").glob("*.yaml") if not p.name.endswith(".matrix.yaml"))
+
+
 def mapping_files(base: Path) -> list[Path]:
     return [
         *sorted((base / "valuesets").glob("*.yaml")),
         base / "facts.yaml",
-        *sorted((base / "policies").glob("*.yaml")),
+        *policy_files(base),
         base / "queries.yaml",
         base / "routing.yaml",
     ]
@@ -153,7 +158,7 @@ def _run(base: Path, site_path: Path | None) -> tuple[list[Problem], Mappings | 
     if not mset.valuesets:
         out.at(_display(base / "valuesets"), Position(1, 1), "no value-set files (*.yaml)", "yaml")
     mset.facts = keep(_read(base / "facts.yaml", "facts", out), base / "facts.yaml")
-    for path in sorted((base / "policies").glob("*.yaml")):
+    for path in policy_files(base):
         doc = keep(_read(path, "policy", out), path)
         if doc is not None:
             mset.policies.append(doc)

@@ -185,6 +185,15 @@ class CrossChecker:
                 )
             for i, vs in enumerate(_list(spec.get("answers"))):
                 self.known_valueset(doc, (*path, "answers", i), vs)
+            panel = spec.get("panel")
+            for i, vs in enumerate(panel if isinstance(panel, list) else [panel] if panel else []):
+                self.known_valueset(doc, (*path, "panel", i) if isinstance(panel, list) else (*path, "panel"), vs)
+            polarity = _mapping(spec.get("polarity"))
+            for key in ("positive", "negative"):
+                sets = polarity.get(key)
+                for i, vs in enumerate(sets if isinstance(sets, list) else [sets] if sets else []):
+                    where = (*path, "polarity", key, i) if isinstance(sets, list) else (*path, "polarity", key)
+                    self.known_valueset(doc, where, vs)
             status_filter = spec.get("filter")
             if isinstance(status_filter, str) and status_filter not in filters:
                 self.out.add(

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fhir_mappings import derivations as _derivations  # noqa: F401  (registers the derive functions)
+from fhir_mappings import derive as _derive  # noqa: F401  (registers the derive functions)
 from fhir_mappings import mappings as _mappings
 from fhir_mappings import policy as _policy
 from fhir_mappings import queries as _queries
@@ -153,6 +153,12 @@ def rule_language_defs() -> dict[str, Any]:
             schema.update(_exactly_one(ops))
         return schema
 
+    after = {
+        "type": "object",
+        "properties": {"fact": _NAME, "where": cond_ref},
+        "required": ["fact"],
+        "additionalProperties": False,
+    }
     rule = _discriminated(
         {
             "all": _only("all", {"type": "array", "items": rule_ref, "minItems": 1}, "every rule is true"),
@@ -163,10 +169,8 @@ def rule_language_defs() -> dict[str, Any]:
                 {
                     "absent": absent,
                     "after": {
-                        "type": "object",
-                        "properties": {"fact": _NAME, "where": cond_ref},
-                        "required": ["fact"],
-                        "additionalProperties": False,
+                        "anyOf": [after, {"type": "array", "items": after, "minItems": 1}],
+                        "description": "items dated on or after the latest item of another fact (or of several)",
                     },
                 },
             ),
@@ -237,6 +241,45 @@ def fact_defs() -> dict[str, Any]:
             "date": _JSONPATHS,
             "end": _JSONPATHS,
             "value": _JSONPATHS,
+            "panel": {
+                "anyOf": [_NAME, {"type": "array", "items": _NAME}],
+                "description": "Observation: value sets of panel codes whose components / members hold the result",
+            },
+            "range": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 2,
+                "maxItems": 2,
+                "description": "Observation: [min, max] a valid result lies in",
+            },
+            "polarity": {
+                "type": "object",
+                "properties": {
+                    "positive": {"anyOf": [_NAME, {"type": "array", "items": _NAME, "minItems": 1}]},
+                    "negative": {"anyOf": [_NAME, {"type": "array", "items": _NAME, "minItems": 1}]},
+                    "quantitative": {"type": "boolean"},
+                    "positive_at_least": {"type": "number"},
+                    "negative_below": {"type": "number"},
+                    "units": {"type": "array", "items": {"type": "string"}},
+                    "code_asserts": {"type": "boolean"},
+                },
+                "required": ["positive", "negative"],
+                "additionalProperties": False,
+                "description": "Observation: how a qualitative result reads (answer value sets, cut-offs)",
+            },
+            "reasons": {
+                "type": "object",
+                "properties": {
+                    "types": {
+                        "type": "array",
+                        "items": {"type": "string", "pattern": "^[A-Z][A-Za-z]+$"},
+                        "minItems": 1,
+                    },
+                    "within_days": {"type": "integer", "minimum": 0},
+                },
+                "additionalProperties": False,
+                "description": "Condition: also read diagnoses stated as the reason of an encounter, procedure, ...",
+            },
         },
         "required": ["resource", "valueset"],
         "additionalProperties": False,
@@ -435,6 +478,11 @@ def facts_schema() -> dict[str, Any]:
             "in": {"type": "array", "items": {"type": "string"}, "minItems": 1},
             "not_in": {"type": "array", "items": {"type": "string"}, "minItems": 1},
             "missing": {"enum": ["pass", "fail"]},
+            "uncertain": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "values kept as uncertain evidence (unknown, never true)",
+            },
         },
         "required": ["path"],
         "additionalProperties": False,

@@ -41,7 +41,7 @@ _OP = (
     r"(?:≥|≤|>=|<=|>|<|at least|at most|more than|fewer than|less than|no more than|older than|younger than|"
     r"within(?: the (?:last|past))?|in the (?:last|past)|the (?:last|past)|over|under|beyond the|up to)"
 )
-_UNIT = r"(?:%|days?\b|weeks?\b|months?\b|years?\b)"
+_UNIT = r"(?:%|days?\b|weeks?\b|months?\b|years?\b|hours?\b|minutes?\b)"
 _PATTERNS = (
     # "≥ 15", "at least 42 days", "within the last 7 days", "fewer than four"
     re.compile(rf"(?<![\w.-])(?P<op>{_OP})\s+(?P<num>{_NUM})(?:\s*[–-]\s*(?P<num2>\d+))?\s*(?P<unit>{_UNIT})?", re.I),
@@ -100,8 +100,11 @@ def threshold_refs(node: Any, out: set[str] | None = None) -> set[str]:
 
 
 def _kind(name: str, value: float) -> str:
-    if name.endswith("_days"):
-        return "days"
+    """What a threshold counts, from its name (`min_days_after_kap`, `min_hours_after_dosing`) or its value."""
+    words = name.split("_")
+    for unit in ("days", "hours", "minutes"):
+        if unit in words:
+            return unit
     if isinstance(value, float) and 0 < value < 1:
         return "percent"
     return ""
@@ -122,6 +125,8 @@ def _said_as(number: NumberInText, name: str, value: float) -> str | None:
         return None
     if kind == "percent":
         return f"{{{name}:percent}}" if number.unit == "percent" and abs(value * 100 - number.value) < 1e-9 else None
+    if kind in ("hours", "minutes"):
+        return f"{{{name}}}" if number.unit == kind and number.value == value else None
     return f"{{{name}}}" if number.unit == "" and number.value == value else None
 
 
@@ -129,8 +134,8 @@ def _compatible(number: NumberInText, name: str, value: float) -> bool:
     kind = _kind(name, value)
     if kind == "days":
         return number.unit in ("days", "weeks", "months")
-    if kind == "percent":
-        return number.unit == "percent"
+    if kind in ("percent", "hours", "minutes"):
+        return number.unit == kind
     return number.unit == ""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fhir_mappings.valuesets import (
+    CPT,
     HCPCS,
     ICD10CM,
     LOCAL,
@@ -21,6 +22,7 @@ from fhir_mappings.valuesets import (
     SNOMED,
     SOPT,
     SYSTEM_ALIASES,
+    V3_ACTCODE,
     CodeMatch,
     ValueSetError,
     ValueSetRegistry,
@@ -58,6 +60,16 @@ coverage_medicare_advantage coverage_medicare_ffs coverage_dual_medicare_medicai
 coverage_commercial
 encounter_class_hospital_office encounter_class_home location_type_hospital_office consent_information_disclosure
 reason_ineffective
+obs_phq2_total obs_pregnancy_test_qualitative obs_pregnancy_test_quantitative obs_medication_adherence_reported
+ans_medication_adherent ans_medication_nonadherent ans_negative ans_indeterminate ans_not_pregnant ans_possibly_pregnant
+ans_unknown ans_not_breastfeeding ans_no_pregnancy_intent ans_pregnancy_intent_unsure ans_yes ans_no ans_declined
+ans_not_cleared interp_positive interp_negative interp_indeterminate interp_high interp_low interp_abnormal
+interp_normal prac_aprn_psychiatric dx_non_depression_indication dx_ketamine_nonpsychiatric_indication
+proc_anaesthesia_sedation encounter_class_emergency encounter_class_inpatient encounter_type_emergency
+location_type_emergency
+location_type_procedural
+obs_phq9_items ans_phq9_item_frequency obs_lithium_level obs_tsh obs_free_t4 obs_heart_rate allergy_none_known
+dx_no_pregnancy_potential dx_contraception
 """)
 
 LOCAL_DEFAULT_IDS = _words("""
@@ -425,7 +437,7 @@ def test_label_short_names() -> None:
 
 
 def test_search_codes_are_exact_codes_only(registry: ValueSetRegistry) -> None:
-    assert registry.get("obs_phq9_total").search_codes() == [(LOINC, "44261-6")]
+    assert registry.get("obs_phq9_total").search_codes() == [(LOINC, "44261-6"), (LOINC, "89204-2")]
     mdd = registry.get("dx_mdd").search_codes()
     assert (SNOMED, "370143000") in mdd
     assert not any(system == ICD10CM for system, _ in mdd)  # ICD part is a prefix include
@@ -764,3 +776,267 @@ def test_levothyroxine_is_not_a_t3_augmentation(registry: ValueSetRegistry) -> N
     assert t3.match_coding({"system": rx, "code": "966220"}) is None  # levothyroxine sodium 0.025 MG Oral Tablet
     assert t3.match_coding({"system": rx, "code": "224920"}) is None  # Synthroid
     assert t3.match_coding({"system": rx, "code": "10814"}) is not None  # liothyronine itself
+
+
+# -- issue 8: every shape of a fact, negative answers kept apart from positive ones, the dose table ----------------
+
+V3_INTERP = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+DOSING_FILE = PACKAGE_DIR.parent / "dosing" / "antidepressant_doses.yaml"
+
+
+def _codes(registry: ValueSetRegistry, vs_id: str) -> set[tuple[str, str]]:
+    return {(system, code) for system, code, _display in registry.get(vs_id).concepts()}
+
+
+@pytest.mark.parametrize(
+    "group",
+    [
+        ["ans_positive", "ans_negative", "ans_indeterminate"],
+        ["ans_yes", "ans_no"],
+        ["ans_pregnant", "ans_not_pregnant", "ans_possibly_pregnant", "ans_unknown"],
+        ["ans_breastfeeding", "ans_not_breastfeeding"],
+        ["ans_wants_pregnancy", "ans_no_pregnancy_intent", "ans_pregnancy_intent_unsure"],
+        ["ans_medication_adherent", "ans_medication_nonadherent"],
+        ["interp_positive", "interp_negative", "interp_indeterminate", "interp_high", "interp_low", "interp_normal"],
+    ],
+)
+def test_positive_negative_and_unknown_answers_never_overlap(registry: ValueSetRegistry, group: list[str]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for vs_id in group:
+        for key in _codes(registry, vs_id):
+            assert key not in seen, f"{key} is in both {seen[key]} and {vs_id}"
+            seen[key] = vs_id
+
+
+def test_the_answer_codes_the_brief_names_are_on_the_right_side(registry: ValueSetRegistry) -> None:
+    def has(vs_id: str, system: str, code: str) -> bool:
+        return registry.get(vs_id).match_coding(coding(system, code)) is not None
+
+    assert has("ans_positive", LOINC, "LA6576-8") and has("ans_negative", LOINC, "LA6577-6")
+    assert has("ans_positive", SNOMED, "10828004") and has("ans_negative", SNOMED, "260385009")
+    assert has("ans_yes", LOINC, "LA33-6") and has("ans_no", LOINC, "LA32-8")
+    assert has("ans_yes", SNOMED, "373066001") and has("ans_no", SNOMED, "373067005")
+    assert has("ans_not_pregnant", SNOMED, "60001007") and not has("ans_pregnant", SNOMED, "60001007")
+    for code in ("POS", "DET"):
+        assert has("interp_positive", V3_INTERP, code)
+    for code in ("NEG", "ND"):
+        assert has("interp_negative", V3_INTERP, code)
+    for vs_id, codes in {"interp_high": ("H", "HH"), "interp_low": ("L", "LL"), "interp_abnormal": ("A", "AA")}.items():
+        assert all(has(vs_id, V3_INTERP, c) for c in codes), vs_id
+
+
+def test_every_blood_pressure_panel_and_component_code(registry: ValueSetRegistry) -> None:
+    panel = {code for _s, code in _codes(registry, "obs_bp_panel")}
+    assert {"85354-9", "55284-4", "35094-2", "55417-0", "96607-7"} <= panel
+    systolic = {code for _s, code in _codes(registry, "obs_bp_systolic")}
+    diastolic = {code for _s, code in _codes(registry, "obs_bp_diastolic")}
+    assert {"8480-6", "8459-0", "8460-8", "8461-6", "96608-5", "271649006"} <= systolic
+    assert {"8462-4", "96609-3", "271650006"} <= diastolic
+    assert not systolic & diastolic and not panel & (systolic | diastolic)
+
+
+def test_phq2_is_never_a_phq9_total(registry: ValueSetRegistry) -> None:
+    phq2 = coding(LOINC, "55758-7")
+    assert registry.get("obs_phq2_total").match_coding(phq2) is not None
+    for vs_id in ("obs_phq9_total", "obs_phq9_panel", "obs_phq9_item9"):
+        assert registry.get(vs_id).match_coding(phq2) is None, vs_id
+    assert registry.get("obs_phq9_total").match_coding(coding(LOINC, "44261-6")) is not None
+    assert registry.get("obs_phq9_panel").match_coding(coding(LOINC, "44249-1")) is not None
+
+
+def test_pregnancy_tests_split_into_qualitative_and_quantitative(registry: ValueSetRegistry) -> None:
+    allt = _codes(registry, "obs_pregnancy_test")
+    qual = _codes(registry, "obs_pregnancy_test_qualitative")
+    quant = _codes(registry, "obs_pregnancy_test_quantitative")
+    assert qual <= allt and quant <= allt and not qual & quant
+    assert (LOINC, "2106-3") in qual and (LOINC, "2118-8") in qual
+    assert {(LOINC, "21198-7"), (LOINC, "19080-1"), (LOINC, "2119-6")} <= quant
+    assert allt - qual - quant == {(LOINC, "55870-0")}  # cord blood: the newborn's specimen, not the patient's test
+
+
+def test_psychiatric_aprn_holds_only_psychiatric_specialties(registry: ValueSetRegistry) -> None:
+    psych, generic = registry.get("prac_aprn_psychiatric"), registry.get("prac_aprn")
+    for code in ("363LF0000X", "363L00000X", "364S00000X", "363LP2300X", "367500000X"):
+        assert psych.match_coding(coding(NUCC, code)) is None, code
+        assert generic.match_coding(coding(NUCC, code)) is not None, code
+    codes = _codes(registry, "prac_aprn_psychiatric")
+    assert (NUCC, "363LP0808X") in codes and (NUCC, "364SP0808X") in codes
+    assert all(generic.match_coding(coding(system, code)) is not None for system, code in codes)
+    assert all(code.startswith(("363LP08", "364SP08")) for _s, code in codes)
+
+
+def test_licensed_mental_health_covers_the_named_licences(registry: ValueSetRegistry) -> None:
+    lmh = registry.get("prac_licensed_mental_health")
+    for code in ("1041C0700X", "101YP2500X", "106H00000X", "103T00000X", "103TC0700X"):
+        assert lmh.match_coding(coding(NUCC, code)) is not None, code
+    for code in ("363LF0000X", "101YS0200X", "1041S0200X"):  # family NP, school counsellor, school social worker
+        assert lmh.match_coding(coding(NUCC, code)) is None, code
+
+
+def test_other_indications_are_not_depression(registry: ValueSetRegistry) -> None:
+    other, mdd = registry.get("dx_non_depression_indication"), registry.get("dx_mdd")
+    for code in ("G43.909", "G43009", "F17.210", "G47.00", "M79.7", "E11.42", "N39.44", "N95.1", "E03.9"):
+        assert other.match_coding(coding(ICD10CM, code)) is not None, code
+        assert mdd.match_coding(coding(ICD10CM, code)) is None, code
+    for code in ("F33.2", "F32.9", "F41.1", "F42.2", "F43.10"):  # depression, and the ambiguous anxiety/OCD/PTSD
+        assert other.match_coding(coding(ICD10CM, code)) is None, code
+    assert other.match_text("amitriptyline 10 mg at night for migraine") is not None
+
+
+def test_ketamine_nonpsychiatric_reasons_exclude_psychiatric_ones(registry: ValueSetRegistry) -> None:
+    nonpsych = registry.get("dx_ketamine_nonpsychiatric_indication")
+    for code in ("G89.18", "S72.001A", "R45.1", "J45.902"):
+        assert nonpsych.match_coding(coding(ICD10CM, code)) is not None, code
+    for code in ("R45.851", "F33.2", "F32.A", "F43.10"):
+        assert nonpsych.match_coding(coding(ICD10CM, code)) is None, code
+    sedation = registry.get("proc_anaesthesia_sedation")
+    for system, code in ((CPT, "99152"), (SNOMED, "314271007"), (SNOMED, "50697003")):
+        assert sedation.match_coding(coding(system, code)) is not None, code
+    assert sedation.match_coding(coding(CPT, "96365")) is None  # the IV-ketamine infusion itself is not sedation
+    assert registry.get("encounter_class_emergency").match_coding(coding(V3_ACTCODE, "EMER")) is not None
+
+
+def test_not_cleared_text_is_a_local_default_with_patterns(registry: ValueSetRegistry) -> None:
+    vs = registry.get("ans_not_cleared")
+    assert vs.verification == "local-default" and vs.site_configurable
+    assert vs.match_text("Patient NOT cleared for ketamine by cardiology") is not None
+    assert vs.match_text("Cleared for IV ketamine") is None
+
+
+# -- the dose table (fhir_mappings/dosing/antidepressant_doses.yaml) ------------------------------------------------
+
+ANTIDEPRESSANT_SETS = _words("""
+med_ssri med_snri med_tca med_maoi med_mirtazapine med_bupropion med_other_antidepressant med_augment_lithium
+med_augment_atypical_antipsychotic med_augment_t3
+""")
+DOSE_ROW_KEYS = frozenset(
+    _words(
+        "rxcui name class role valueset min_daily_mg route min_serum_meq_l source source_keys verification"
+        " other_indication note"
+    )
+)
+
+
+@pytest.fixture(scope="module")
+def doses() -> dict:
+    import yaml
+
+    with DOSING_FILE.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def test_dose_table_loads_with_the_engine_loader() -> None:
+    from fhir_mappings.doses import load_dose_table
+
+    table = load_dose_table(DOSING_FILE.stem)
+    sertraline = table.minimum("36437", None, "antidepressant")
+    assert sertraline is not None and sertraline.min_daily_mg == 50 and "ATRQ" in sertraline.source
+    assert sertraline.note == ""  # never the string "None"
+    salt = table.minimum(None, "lithium carbonate 300 MG Oral Capsule", "augmentation")
+    assert salt is not None and salt.min_daily_mg == 600
+    gap = table.minimum("1040028", None, "augmentation")  # lurasidone: a row without a dose -> unknown
+    assert gap is not None and gap.min_daily_mg is None and gap.source.startswith("GAP")
+    assert table.minimum("51272", None, "antidepressant") is None  # quetiapine is only an augmenting agent here
+
+
+def _dose_rows(doses: dict) -> list[dict]:
+    return [*doses["ingredients"], *doses["name_only_ingredients"]]
+
+
+def test_dose_table_rows_are_regular_and_sourced(doses: dict, registry: ValueSetRegistry) -> None:
+    assert doses["version"] == 1
+    sources = doses["sources"]
+    for row in _dose_rows(doses):
+        assert set(row) == DOSE_ROW_KEYS, row["name"]
+        assert row["role"] in {"antidepressant", "augmentation"}, row["name"]
+        assert row["verification"] in {"verified", "secondary", "unverified", "gap"}, row["name"]
+        assert isinstance(row["source"], str) and row["source"].strip(), row["name"]
+        assert isinstance(row["note"], str), row["name"]
+        assert all(key in sources for key in row["source_keys"]), row["name"]
+        dose = row["min_daily_mg"]
+        if row["verification"] == "gap":
+            assert dose is None and row["source_keys"] == [] and row["source"].startswith("GAP"), row["name"]
+        else:
+            assert isinstance(dose, (int, float)) and dose > 0 and row["source_keys"], row["name"]
+        vs = registry.get(row["valueset"])
+        if row["rxcui"] is not None:
+            assert isinstance(row["rxcui"], str)
+            assert vs.match_coding(coding(RXNORM, row["rxcui"])) is not None, row["name"]
+        else:  # no verified RxCUI: the set must still find the drug by its name
+            assert vs.match_text(row["name"]) is not None, row["name"]
+        if row["min_serum_meq_l"] is not None:
+            assert row["class"] == "lithium"
+    assert all(row["rxcui"] is not None for row in doses["ingredients"])  # the loader needs one
+    assert all(row["rxcui"] is None for row in doses["name_only_ingredients"])
+
+
+def test_dose_table_covers_every_antidepressant_and_augmenting_drug(doses: dict, registry: ValueSetRegistry) -> None:
+    rows = {row["rxcui"] for row in doses["ingredients"]}
+    missing = [
+        (vs_id, code, display)
+        for vs_id in ANTIDEPRESSANT_SETS
+        for _system, code, display in registry.get(vs_id).concepts()
+        if code not in rows
+    ]
+    assert missing == []
+    by_name = {row["name"]: row for row in _dose_rows(doses)}
+    assert by_name["sertraline"]["min_daily_mg"] == 50 and by_name["venlafaxine"]["min_daily_mg"] == 150
+    assert by_name["amitriptyline"]["min_daily_mg"] == 150 and by_name["trazodone"]["min_daily_mg"] == 300
+    assert by_name["quetiapine"]["min_daily_mg"] == 150 and by_name["selegiline"]["route"] == "transdermal"
+    assert by_name["lithium"]["min_serum_meq_l"] == 0.5 and by_name["liothyronine"]["min_daily_mg"] == 0.025
+    assert {"amoxapine", "maprotiline"} <= set(by_name)
+
+
+def test_ketamine_dose_bands_and_context_codes(doses: dict, registry: ValueSetRegistry) -> None:
+    ket = doses["ketamine"]
+    assert registry.get("order_ketamine").match_coding(coding(RXNORM, ket["rxcui"]["ketamine"])) is not None
+    assert registry.get("order_esketamine").match_coding(coding(RXNORM, ket["rxcui"]["esketamine"])) is not None
+    assert (ket["anesthesia_cpt_range"]["from"], ket["anesthesia_cpt_range"]["to"]) == ("00100", "01999")
+    bands = {(b["purpose"], b["route"]): b for b in ket["dose_bands"]}
+    psych, anaesthesia = bands[("psychiatric", "intravenous")], bands[("anesthesia", "intravenous")]
+    assert psych["dose_mg_per_kg"]["typical"] == 0.5 and anaesthesia["dose_mg_per_kg"]["min"] == 1.0
+    assert all(key in doses["sources"] for b in ket["dose_bands"] for key in b["source_keys"])
+    assert all(key in doses["sources"] for p in doses["product_notes"] for key in p["source_keys"])
+
+
+# -- codes the issue-8 fidelity corpus sends that had no value set -------------------------------------------------
+
+
+def test_phq9_items_are_the_nine_panel_members_with_scored_answers(registry: ValueSetRegistry) -> None:
+    items = registry.get("obs_phq9_items")
+    assert len(items) == 9
+    assert items.match_coding(coding(LOINC, "44260-8")) is not None  # item 9 is also obs_phq9_item9
+    for code in ("44261-6", "44249-1", "55758-7"):  # the total, the panel and PHQ-2 are not items
+        assert items.match_coding(coding(LOINC, code)) is None, code
+    answers = registry.get("ans_phq9_item_frequency")
+    assert {code for _system, code, _display in answers.concepts()} == {"LA6568-5", "LA6569-3", "LA6570-1", "LA6571-9"}
+
+
+def test_no_known_allergy_is_not_a_ketamine_allergy(registry: ValueSetRegistry) -> None:
+    none_known, ketamine = registry.get("allergy_none_known"), registry.get("allergy_ketamine")
+    for code in ("409137002", "716186003"):
+        assert none_known.match_coding(coding(SNOMED, code)) is not None, code
+        assert ketamine.match_coding(coding(SNOMED, code)) is None, code
+    assert none_known.match_text("NKDA") is not None
+
+
+def test_pregnancy_potential_sets_keep_possible_pregnancy_out(registry: ValueSetRegistry) -> None:
+    no_potential = registry.get("dx_no_pregnancy_potential")
+    assert no_potential.match_coding(coding(ICD10CM, "Z90.710")) is not None
+    for code in ("Z90.712", "Z90.721", "Z97.5", "Z33.1"):  # cervix only, one ovary, IUD, pregnant state
+        assert no_potential.match_coding(coding(ICD10CM, code)) is None, code
+    contraception = registry.get("dx_contraception")
+    assert contraception.match_coding(coding(ICD10CM, "Z97.5")) is not None
+    assert contraception.match_coding(coding(ICD10CM, "Z30.011")) is not None
+    assert contraception.match_coding(coding(ICD10CM, "Z90.710")) is None
+
+
+def test_lab_and_vital_sets_hold_the_codes_the_corpus_sends(registry: ValueSetRegistry) -> None:
+    for vs_id, code in (
+        ("obs_lithium_level", "14334-7"),
+        ("obs_tsh", "3016-3"),
+        ("obs_free_t4", "3024-7"),
+        ("obs_heart_rate", "8867-4"),
+    ):
+        assert registry.get(vs_id).match_coding(coding(LOINC, code)) is not None, vs_id
+    assert registry.get("obs_tsh").match_coding(coding(LOINC, "3024-7")) is None

@@ -415,11 +415,12 @@ def test_published_schemas_validate_the_shipped_files_as_an_editor_would() -> No
     import yaml
 
     from fhir_mappings.mappings import MAPPINGS_DIR
+    from fhir_mappings.validation import policy_files
     from fhir_mappings.validation.schemas import SCHEMA_DIR, stale
 
     assert stale() == [], "run `ketamine-cds mappings schemas --write`"
     pairs = [
-        ("policy", sorted((MAPPINGS_DIR / "policies").glob("*.yaml"))),
+        ("policy", policy_files(MAPPINGS_DIR)),
         ("valuesets", sorted((MAPPINGS_DIR / "valuesets").glob("*.yaml"))),
         ("facts", [MAPPINGS_DIR / "facts.yaml"]),
         ("queries", [MAPPINGS_DIR / "queries.yaml"]),
