@@ -270,3 +270,19 @@ def test_impact_on_a_cohort_folder(phq9_20: Path, tmp_path: Path, capsys: pytest
     record = build_record(patient, Mappings.load(), evaluation_time(date.today()))
     in_band, above = _phq9_in_window(record, 15, 20)
     assert bool(doc["changes"]) == (in_band and not above)  # type: ignore[index]
+
+
+def test_the_tools_read_fixture_cases_exactly_as_the_pytest_runner_does() -> None:
+    """Two implementations of the case format (the pytest runner's and the tools'): they must not drift apart."""
+    from fhir_mappings.policies import test_policy_cases as runner
+
+    engines = Engines()
+    for path in case_files():
+        mine, record, policy = build_case(path, engines.for_folder(path.parent))
+        theirs, expected, expected_policy = runner.build_case(path)
+        assert (mine, policy) == (theirs, expected_policy)
+        assert record.now == expected.now and record.draft_orders == expected.draft_orders, path.name
+        assert record.resources == expected.resources, path.name
+        assert {k: q.availability for k, q in record.queries.items()} == {
+            k: q.availability for k, q in expected.queries.items()
+        }, path.name
