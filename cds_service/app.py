@@ -266,6 +266,10 @@ def _peek_hook_instance() -> str | None:
 def _register_errors(app: Flask) -> None:
     @app.errorhandler(ServiceError)
     def service_error(exc: ServiceError) -> tuple[Response, int, dict[str, str]]:
+        # Why a call was refused (which field, which rule): issue texts name locations and rules and never quote
+        # request values (cds_service.errors), so they are safe to log; the body and the token never are.
+        reasons = "; ".join(issue.diagnostics for issue in exc.issues[:5])
+        log.warning("%s %s refused with HTTP %d: %s", request.method, request.path, exc.status, reasons)
         headers = {"WWW-Authenticate": 'Bearer realm="ketamine-cds"'} if exc.status == 401 else {}
         return jsonify(exc.body()), exc.status, headers
 

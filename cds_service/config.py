@@ -55,7 +55,7 @@ class ServiceConfig:
     )
     lenient: bool = field(
         default=False,
-        metadata={"help": "accept CDS Hooks sandbox quirks (Bundle without type, orders without intent/requester)"},
+        metadata={"help": "accept what real clients send: the tolerances of cds_service/tolerances.py (see README)"},
     )
     site_config: str | None = field(
         default=None, metadata={"help": "YAML/JSON site configuration (local codes, credentialed clinics)"}

@@ -18,6 +18,7 @@ from cds_service.crd_version import error_status, refuse_unhandled_coverage, req
 from cds_service.errors import Issue, ServiceError
 from cds_service.hook_request import HookRequest, parse_json, validate_orders_fhir, validate_request
 from cds_service.prefetch import FhirAccess, gather_record
+from cds_service.tolerances import apply_tolerances
 from fhir_mappings.model import Decision
 from fhir_mappings.record import reference_key
 
@@ -42,6 +43,7 @@ class HookOutcome:
 
 def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) -> HookOutcome:
     body = parse_json(raw)
+    body = apply_tolerances(body) if state.config.lenient else body  # --lenient: what real clients send, as R4
     version = requested_version(body)  # 422 for a CRD version this service does not serve
     try:
         return _order_sign(state, body, caller, version)

@@ -181,6 +181,18 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] 
             unavailable=_unread(criterion, ctx),
             branch="holds_when is unknown",
         )
+    if criterion.case_by_case_when is not None:
+        maybe = criterion.case_by_case_when.evaluate(ctx)
+        if maybe.value is None:
+            # uncertain evidence (a provisional head injury, a text-only mention) of what the policy leaves to
+            # case review: not "no exclusion"
+            return result(
+                Status.UNKNOWN,
+                maybe,
+                f"{criterion.case_by_case_text or 'may need case review'} (the evidence is not certain)",
+                criterion.ask or "Document whether this applies.",
+                branch="holds_when is false, case_by_case_when is unknown",
+            )
     return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence", branch="holds_when is false")
 
 

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from fhir_mappings.model import Bounds, Evidence, Fact, FactState
 
 Truth = bool | None
-MAX_EVIDENCE = 12
+MAX_EVIDENCE = 16
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
@@ -87,12 +87,13 @@ class Verdict:
 
     @staticmethod
     def of(value: Truth, items: list[Item] | tuple[Item, ...] = ()) -> Verdict:
+        """The verdict with its evidence: every item's own evidence first, then what supports them, up to
+        MAX_EVIDENCE (so that the supporting records of one item never crowd out another item)."""
         seen: dict[str, Evidence] = {}
-        for item in items:
-            for evidence in (item.evidence, *item.support):
-                seen.setdefault(evidence.reference + (evidence.date or ""), evidence)
+        for evidence in [i.evidence for i in items] + [s for i in items for s in i.support]:
             if len(seen) >= MAX_EVIDENCE:
                 break
+            seen.setdefault(evidence.reference + (evidence.date or ""), evidence)
         return Verdict(value, tuple(seen.values()))
 
 

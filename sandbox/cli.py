@@ -32,8 +32,12 @@ from sandbox.fhir_server import FhirServerError, FhirServerProcess
 from sandbox.loader import LoadError, load_into
 from sandbox.scenarios import PATIENTS_DIR, ScenarioError, find_scenario, lint, load_all
 from sandbox.signing import load_key
+from sandbox.web_app import DEFAULT_CACHE_DIR, StaticSite, WebAppError, build_app, format_links, scenario_links
 
 FHIR_TOKEN_ENV = "KETAMINE_CDS_SANDBOX_FHIR_TOKEN"
+DEFAULT_APP_PORT = 8080
+DEFAULT_APP_URL = f"http://127.0.0.1:{DEFAULT_APP_PORT}/"  # where `sandbox web-app` serves its build
+DEFAULT_SERVICE_URL = "http://127.0.0.1:8765"  # `ketamine-cds serve`'s default
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,8 +48,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server = commands.add_parser("server", help="run a FHIR server in the foreground until Ctrl-C")
     server.add_argument("--port", type=int, default=None, help="TCP port on 127.0.0.1 (default: a free one)")
     server.add_argument("--load", action="store_true", help="load every scenario into it once it is up")
+    server.add_argument(
+        "--open",
+        action="store_true",
+        help="no authentication (for the CDS Hooks sandbox web app, which only talks to open servers); "
+        "still bound to 127.0.0.1. Prints the app's URL for each scenario patient",
+    )
+    _web_app_link_options(server)
     _scenario_options(server)
     server.set_defaults(func=cmd_server)
+
+    web_app = commands.add_parser(
+        "web-app", help="build the CDS Hooks sandbox web app with ketamine in its medication list and serve it"
+    )
+    web_app.add_argument(
+        "--source", type=Path, required=True, help="the app's source (e.g. ../shared/clients/cds-hooks-sandbox)"
+    )
+    web_app.add_argument("--port", type=int, default=DEFAULT_APP_PORT, help="TCP port on 127.0.0.1")
+    web_app.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="npm install and build cache")
+    web_app.set_defaults(func=cmd_web_app)
+
+    links = commands.add_parser(
+        "web-app-urls", help="print the CDS Hooks sandbox web app's URL for each scenario patient of an open server"
+    )
+    links.add_argument("--fhir-server", required=True, help="the open FHIR R4 base URL the scenarios are loaded in")
+    _web_app_link_options(links)
+    _scenario_options(links)
+    links.set_defaults(func=cmd_web_app_urls)
 
     keys = commands.add_parser("keys", help="write a sandbox client key and the service's trusted-issuers file")
     keys.add_argument("--out", type=Path, required=True, help=f"directory for {KEY_FILE} and {TRUSTED_ISSUERS_FILE}")
@@ -87,6 +116,17 @@ def _scenario_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--today", type=date.fromisoformat, default=None, help="date to shift scenarios to")
 
 
+def _web_app_link_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--app-url", default=DEFAULT_APP_URL, help=f"where the web app is served (default {DEFAULT_APP_URL})"
+    )
+    parser.add_argument(
+        "--service",
+        default=DEFAULT_SERVICE_URL,
+        help=f"the service's base URL as the browser reaches it (default {DEFAULT_SERVICE_URL})",
+    )
+
+
 def _fhir_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fhir-server", required=True, help="FHIR R4 base URL")
     parser.add_argument("--fhir-token", default=None, help=f"bearer token for it (default: ${FHIR_TOKEN_ENV})")
@@ -124,23 +164,76 @@ def _fail(message: str) -> int:
 # ---------------------------------------------------------------------- commands
 
 
+def _discovery_url(service: str) -> str:
+    service = service.rstrip("/")
+    return service if service.endswith("/cds-services") else f"{service}/cds-services"
+
+
+def _print_web_app_links(args: argparse.Namespace, fhir_server: str, scenarios: list | None = None) -> None:
+    links = scenario_links(
+        scenarios if scenarios is not None else load_all(args.scenarios),
+        app_url=args.app_url,
+        fhir_server=fhir_server,
+        discovery_url=_discovery_url(args.service),
+    )
+    print(
+        "CDS Hooks sandbox web app on each scenario patient (its patient picker lists only the first 20 patients);\n"
+        "the app's Rx Sign order has no route, requester or performer, so expect the card to ask for them:",
+        flush=True,
+    )
+    print(format_links(links), flush=True)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     """Run sekmet until Ctrl-C; print what a developer needs to point the service and the EHR at it."""
     try:
-        with interrupts_as_keyboard_interrupt(), FhirServerProcess().start(port=args.port) as server:
+        server_process = FhirServerProcess(open_access=args.open)
+        with interrupts_as_keyboard_interrupt(), server_process.start(port=args.port) as server:
             print(f"FHIR base URL: {server.base_url}", flush=True)
-            print(f"bearer token:  {server.token}", flush=True)
+            if args.open:
+                print("bearer token:  none (open server: no authentication, reachable from this machine only)")
+            else:
+                print(f"bearer token:  {server.token}", flush=True)
             print(f"data dir:      {server.data_dir}", flush=True)
             print(f"(started in {server.startup_seconds:.1f} s; Ctrl-C stops it and deletes its data)", flush=True)
+            scenarios = load_all(args.scenarios) if args.load or args.open else None
             if args.load:
-                report = load_into(server.base_url, load_all(args.scenarios), token=server.token, today=args.today)
+                report = load_into(server.base_url, scenarios or [], token=server.token, today=args.today)
                 print(f"loaded {report.summary()}", flush=True)
+            if args.open:
+                if not args.load:
+                    print("(no scenario loaded: add --load, or run `ketamine-cds sandbox load` against it)")
+                _print_web_app_links(args, server.base_url, scenarios)
             try:
                 while True:
                     time.sleep(3600)
             except KeyboardInterrupt:
                 print("stopping", flush=True)
     except (FhirServerError, ScenarioError, LoadError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_web_app(args: argparse.Namespace) -> int:
+    """Build the app (cached) and serve it on loopback until Ctrl-C."""
+    try:
+        build = build_app(args.source, args.cache_dir, progress=lambda message: print(message, flush=True))
+        with interrupts_as_keyboard_interrupt(), StaticSite(build, port=args.port) as site:
+            print(f"CDS Hooks sandbox web app: {site.url} (Ctrl-C stops it)", flush=True)
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                print("stopping", flush=True)
+    except (WebAppError, OSError) as exc:
+        return _fail(str(exc))
+    return 0
+
+
+def cmd_web_app_urls(args: argparse.Namespace) -> int:
+    try:
+        _print_web_app_links(args, args.fhir_server.rstrip("/"))
+    except ScenarioError as exc:
         return _fail(str(exc))
     return 0
 

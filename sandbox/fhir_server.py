@@ -99,13 +99,18 @@ def _die_with_parent() -> None:
 class FhirServerProcess:
     """A sekmet FHIR server on a free loopback port with a fresh temp data dir and a random bearer token.
 
+    `open_access=True` drops the token: every request is answered without authentication, as the CDS Hooks sandbox
+    web app needs (it only talks to open FHIR servers). The server binds 127.0.0.1 in both modes, so an open
+    server is reachable from this machine only.
+
     Use as a context manager (`with FhirServerProcess().start() as server:`) or call `stop()`; stopping also
     happens at interpreter exit as a last resort, and on Linux the server is SIGTERMed by the kernel when the
     thread that started it dies (so start it from a long-lived thread).
     """
 
-    def __init__(self, *, start_timeout: float = DEFAULT_START_TIMEOUT) -> None:
+    def __init__(self, *, start_timeout: float = DEFAULT_START_TIMEOUT, open_access: bool = False) -> None:
         self.start_timeout = start_timeout
+        self.open_access = open_access
         self.port: int | None = None
         self.token: str | None = None
         self.startup_seconds: float | None = None
@@ -141,10 +146,14 @@ class FhirServerProcess:
         """Start the server and wait until `/metadata` answers; raises FhirServerError with its log tail.
 
         Without `port`, a free one is picked; if another process grabs it first, start-up is retried on a new one.
+        An open server has no token (`token` must then be None).
         """
         if self._process is not None:
             raise FhirServerError("this FhirServerProcess is already started")
-        self.token = token or secrets.token_urlsafe(32)
+        if self.open_access and token is not None:
+            raise FhirServerError("an open FHIR server takes no token")
+        # hex: a token starting with "-" would be read as an option by `--fhir-token TOKEN` (argparse)
+        self.token = None if self.open_access else token or secrets.token_hex(32)
         started = time.perf_counter()
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             try:
@@ -192,8 +201,9 @@ class FhirServerProcess:
             "log_inbound": False,
             # a name unique to this process, so readiness cannot be fooled by another server on the same port
             "software_name": self._instance_name,
-            # /metadata stays open in sekmet; everything else needs the token, as an EHR's FHIR API would
-            "server_auth": {"types": ["bearer"], "tokens": [self.token]},
+            # /metadata stays open in sekmet; everything else needs the token, as an EHR's FHIR API would —
+            # unless the server is open (for browser clients that send no token), loopback-bound all the same
+            "server_auth": {"types": ["none"]} if self.open_access else {"types": ["bearer"], "tokens": [self.token]},
         }
 
     def _wait_ready(self) -> None:

@@ -290,6 +290,7 @@ def ketamine_courses(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
         assert start is not None and end is not None
         improved: bool | None = None
         notes: list[str] = []
+        scored: list[Evidence] = []  # the scores that decide whether the course helped
         pairs = 0
         follow_until = end + timedelta(days=params["followup_window_days"])
         for name, scores in scales.items():
@@ -307,6 +308,7 @@ def ketamine_courses(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
             if not isinstance(bv, int | float) or not isinstance(fv, int | float) or bv <= 0:
                 continue
             pairs += 1
+            scored += [b.evidence, f.evidence]
             change = (bv - fv) / bv
             notes.append(f"{name}: {bv:g} → {fv:g} ({change * 100:+.0f} % improvement)")
             if change >= params["min_relative_improvement"]:
@@ -320,10 +322,12 @@ def ketamine_courses(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
                 and value <= params["cgi_improved_max"]
             ):
                 improved = True
+                scored.append(item.evidence)
                 notes.append(f"CGI-I {value:g} on {item.evidence.date}")
         for item in functional:
             if item.date and start < item.date <= follow_until:
                 improved = True
+                scored.append(item.evidence)
                 notes.append(f"functional improvement documented {item.evidence.date}")
         if improved is None and pairs:
             improved = False
@@ -342,7 +346,7 @@ def ketamine_courses(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
                     note="; ".join(notes) or "no rating-scale pair around the course",
                 ),
                 date=end,
-                support=tuple(i.evidence for i in course[1:12]),
+                support=(*scored, *(i.evidence for i in course[1:12])),
                 fields={
                     "start": start,
                     "end": end,

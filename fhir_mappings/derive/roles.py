@@ -89,8 +89,9 @@ def lookup_roles(
     lapsed: list[dict[str, Any]] = []  # qualifications recorded as expired or not yet valid
     practitioner: Resource | None = None
     if rtype == "PractitionerRole":
-        result.known = True
-        if in_force(target, ctx.today):
+        # a role that has ended (or not begun) says nothing about what the practitioner is now: unknown
+        result.known = in_force(target, ctx.today)
+        if result.known:
             concepts += [(target, c) for c in _role_concepts(target)]
         practitioner = (
             ctx.record.resolve(target.get("practitioner"), within=target) if target.get("practitioner") else None

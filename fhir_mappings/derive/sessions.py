@@ -143,7 +143,9 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
         ),
         date=session_date,
         support=tuple(s.evidence for s in earlier) + tuple(i.evidence for i in doubtful),
-        certain=not doubtful,
+        # an earlier session dated only by month or year may be the same day or the first after the KAP session:
+        # then how many sessions came before, and when, is not decided
+        certain=not doubtful and not any(s.span is not None for s in earlier),
         fields={
             "days_after_kap": days_after,
             "sessions_in_course": len(earlier),
@@ -303,8 +305,20 @@ def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) 
         latest = max(kap, key=lambda i: i.date or date.min)
         # A KAP session is often several records (the dosing Procedure, the MedicationAdministration, the
         # Encounter): the item cites them all; read every record's performers / participants.
-        for evidence in (latest.evidence, *latest.support):
-            session = ctx.record.get(evidence.reference)
+        records = [ctx.record.get(e.reference) for e in (latest.evidence, *latest.support)]
+        # the visit the dosing happened in (MedicationAdministration.context / Procedure.encounter) names its staff
+        records += [
+            ctx.record.resolve(r.get(key), within=r)
+            for r in list(records)
+            if r is not None
+            for key in ("context", "encounter")
+            if isinstance(r.get(key), Mapping)
+        ]
+        seen: set[str] = set()
+        for session in records:
+            if session is None or reference_of(session) in seen:
+                continue
+            seen.add(reference_of(session))
             for performer in as_list((session or {}).get("performer")) + as_list((session or {}).get("participant")):
                 if not isinstance(performer, Mapping):
                     continue

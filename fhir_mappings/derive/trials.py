@@ -18,7 +18,7 @@ sessions (Procedure or Encounter, one per day). For each trial the record is rea
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from typing import Any
 
@@ -37,7 +37,7 @@ from fhir_mappings.reading.dates import DateSpan, first_span
 from fhir_mappings.reading.dosage import daily_dose_mg, duration_days, strength_mg, supply_daily_mg
 from fhir_mappings.reading.text import normalise
 from fhir_mappings.reading.values import own_value
-from fhir_mappings.record import as_list, reference_key
+from fhir_mappings.record import Availability, as_list, reference_key
 from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch
 
@@ -349,10 +349,23 @@ def treatment_trials(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFa
     items = [
         _trial_item(ctx, t, table, episode, trd, scores, adherence_obs, params["response_after_days"]) for t in trials
     ]
+    # A trial is built from every record of the drug: with one source unread, a documented stop or a gap may be
+    # missing, so its length and adherence are not established (evidence that cannot decide on its own).
+    unread = [t for t in _MEDICATION_TYPES if ctx.record.availability(t) is not Availability.READ]
+    unread_sessions = [t for t in ("Procedure", "Encounter") if ctx.record.availability(t) is not Availability.READ]
+    items = [
+        replace(i, certain=False) if (unread_sessions if i.get("kind") == "psychotherapy" else unread) else i
+        for i in items
+    ]
     detail = episode_note
     if left_out:
         detail += "; not antidepressant trials (another indication): " + ", ".join(left_out[:6])
+    if unread:
+        detail += f"; {', '.join(unread)} not fully read: trial lengths and stops not established"
     return ctx.make_fact(fact.name, items, fact.reads, detail=detail)
+
+
+_MEDICATION_TYPES = ("MedicationStatement", "MedicationRequest", "MedicationDispense")
 
 
 def _psychotherapy_courses(ctx: FactContext, codes: str, gap_days: int) -> list[Trial]:
@@ -608,6 +621,8 @@ def current_medications(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     ]
     candidates += [(o, True) for o in ctx.record.draft_orders if o.get("resourceType") == "MedicationRequest"]
     stops = _documented_stops(ctx, classes, today)
+    # a stop or hold may be recorded in a source that was not read: then "current" is not established
+    unread = [t for t in _MEDICATION_TYPES if ctx.record.availability(t) is not Availability.READ]
     for resource, is_draft in candidates:
         found = medication_classes(ctx, resource, classes)
         if not found:
@@ -635,8 +650,8 @@ def current_medications(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
                 found[0].match,
                 span=span,
                 fields={"class": found[0].label, "how": how},
-                note=how,
-                certain=current is True,
+                note=how + (f"; {', '.join(unread)} not fully read" if unread and not is_draft else ""),
+                certain=current is True and (is_draft or not unread),
             )
         )
     return ctx.make_fact(fact.name, items, fact.reads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from fhir_mappings.derive.common import DONE_STATUSES, event_span, mention, status
@@ -91,6 +92,7 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
                 value, doubt = _pressure(own_value(obs))
                 slot.setdefault("values", {})[part] = (value, doubt, "valueQuantity")
                 slot.setdefault("resource", obs)
+                slot.setdefault("others", []).extend([] if slot["resource"] is obs else [obs])
                 slot["span"] = span
                 slot.setdefault("doubts", []).extend([doubt] if doubt else [])
                 if verdict is None:
@@ -98,7 +100,12 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
     for slot in singles.values():
         if slot["resource"].get("id") in in_panels:
             continue  # a member of a panel already read with it
-        items.append(_bp_item(slot["resource"], slot["span"], slot["values"], slot["doubts"]))
+        pair = _bp_item(slot["resource"], slot["span"], slot["values"], slot["doubts"])
+        others = tuple(
+            Evidence(reference_of(o), date=pair.evidence.date, note="the other half of the pair")
+            for o in slot.get("others", [])
+        )
+        items.append(replace(pair, support=others))
     return ctx.make_fact(fact.name, items, ("Observation",))
 
 
@@ -138,14 +145,15 @@ def _bp_item(
 )
 def specialist_clearances(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
     """Documented clearance for IV ketamine, with the specialties of who gave it (field `roles`; None when the
-    performer cannot be read). An Observation with a clearance code counts when its result says yes (or it
-    has none: the code states it); a "no" / false / "not cleared" result is no clearance; anything else is
-    uncertain. A consultation Procedure or Encounter whose note states the clearance is read too, as text-only
-    evidence (it cannot lift an exclusion on its own: the card asks for the coded clearance and quotes it)."""
+    performer cannot be read). An Observation with a clearance code counts when its result says yes; a "no" /
+    false / "not cleared" result is no clearance; no result, or anything else, is uncertain. A consultation
+    Procedure or Encounter whose note states the clearance is read too, as text-only evidence (it cannot lift
+    an exclusion on its own: the card asks for the coded clearance and quotes it)."""
+    # A clearance observation must say yes: one without a value is an unanswered clearance question, not a
+    # clearance (lifting an exclusion needs positive evidence).
     polarity = Polarity(
         positive=tuple(params.get("answers_yes") or ("ans_yes", "ans_positive_words")),
         negative=tuple(params.get("answers_no") or ("ans_no", "ans_negative")),
-        code_asserts=True,
     )
     items: list[Item] = []
 
