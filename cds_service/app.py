@@ -30,7 +30,8 @@ from cds_service.feedback import parse_feedback
 from cds_service.fhir_client import FhirClient
 from cds_service.hook import HookOutcome, handle_order_sign
 from cds_service.hook_request import warm_up_fhir_models
-from fhir_mappings.mappings import Mappings, SiteConfig
+from fhir_mappings.mappings import Mappings
+from fhir_mappings.validation import load_validated
 
 log = logging.getLogger("ketamine_cds")
 Clock = Callable[[], datetime]
@@ -81,9 +82,8 @@ def create_app(
 ) -> Flask:
     """Application factory (also used by gunicorn via `cds_service.wsgi:app`)."""
     config = (config or ServiceConfig()).validate()
-    if mappings is None:
-        site = SiteConfig.from_file(config.site_config) if config.site_config else None
-        mappings = Mappings.load(site)
+    if mappings is None:  # checked as `ketamine-cds mappings validate` checks it: all problems, file:line:column
+        mappings = load_validated(config.site_config)
     issuers = TrustedIssuers.load(config.trusted_issuers) if config.trusted_issuers else None
     audit = audit or AuditStore(config.database)
     # jti replay protection shared by every gunicorn worker and instance that uses the same database.
@@ -135,8 +135,6 @@ def create_app(
 
 
 def _register_routes(app: Flask, state: ServiceState) -> None:
-    document = discovery_document(state.mappings.queries)
-
     @app.after_request
     def no_store(response: Response) -> Response:
         response.headers.setdefault("Cache-Control", "no-store")  # answers carry patient-specific advice
@@ -147,7 +145,7 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
         # Discovery holds no PHI: no token needed, but a token that is sent must be valid.
         if request.headers.get("Authorization") and state.verifier is not None:
             _authenticate(state, "/cds-services")
-        return jsonify(document)
+        return jsonify(discovery_document(state.mappings.queries))  # per call: a reload may change the queries
 
     @app.post(f"/cds-services/{SERVICE_ID}")
     def order_sign() -> Response:

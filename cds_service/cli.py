@@ -17,6 +17,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"ketamine-cds serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fhir_mappings.validation import validate
+
+    problems = validate(site_config=config.site_config)  # before the port is bound: the same lines as `validate`
+    if problems:
+        print("\n".join(str(p) for p in problems), file=sys.stderr)
+        print(f"ketamine-cds serve: the mapping set has {len(problems)} problem(s); not starting", file=sys.stderr)
+        return 2
     run_gunicorn(config)
     return 0
 
@@ -24,6 +31,8 @@ def _serve(args: argparse.Namespace) -> int:
 def run_gunicorn(config: ServiceConfig) -> None:
     """Serve the app with gunicorn (threaded workers): a real WSGI server also for `serve` on a laptop."""
     from gunicorn.app.base import BaseApplication
+
+    from cds_service.reload import forward_hup_to_workers, install_sighup
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -43,11 +52,15 @@ def run_gunicorn(config: ServiceConfig) -> None:
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
+            self.cfg.set("when_ready", forward_hup_to_workers)  # HUP: check the mappings, reload workers in place
+            self.ketamine_site_config = config.site_config
 
         def load(self) -> Any:
             from cds_service.app import create_app
 
-            return create_app(config)
+            app = create_app(config)
+            install_sighup(app)
+            return app
 
     Server().run()
 

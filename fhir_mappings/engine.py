@@ -52,7 +52,10 @@ def _checked(criterion: Criterion, ctx: FactContext) -> str:
     return text
 
 
-def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResult:
+def evaluate_criterion(criterion: Criterion, ctx: FactContext, trace: list[str] | None = None) -> CriterionResult:
+    """The criterion's status with its evidence. Explain tools pass `trace`, which receives the rule branch that
+    decided ("met_when is true", "holds_when is true, lifted_by is true", ...); nothing else changes."""
+
     def result(
         status: Status,
         verdict: Verdict | None,
@@ -61,7 +64,10 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         cleared: tuple[Evidence, ...] = (),
         case_by_case: bool = False,
         unavailable: tuple[str, ...] = (),
+        branch: str = "",
     ) -> CriterionResult:
+        if trace is not None:
+            trace.append(branch)
         suggestion = criterion.suggestion
         clearable = criterion.lifted_by is not None
         if status is Status.MET and clearable and not missing:
@@ -96,16 +102,30 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
         assert criterion.met_when is not None
         met = _strictly(criterion.met_when, ctx)
         if met.value is True:
-            return result(Status.MET, met)
+            return result(Status.MET, met, branch="met_when is true")
         if met.value is False and criterion.not_met_when is not None:
             failing = criterion.not_met_when.evaluate(ctx)
             if failing.value is True:
-                return result(Status.NOT_MET, failing, criterion.not_met_text or "the record shows it is not met")
+                text = criterion.not_met_text or "the record shows it is not met"
+                return result(Status.NOT_MET, failing, text, branch="met_when is false, not_met_when is true")
         reviewed = review()
         if reviewed is not None:
-            return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
+            return result(
+                Status.UNKNOWN,
+                reviewed,
+                criterion.case_by_case_text,
+                criterion.ask,
+                case_by_case=True,
+                branch="case_by_case_when is true",
+            )
+        why = "met_when is unknown" if met.value is None else "met_when is false, not_met_when is not true"
         return result(
-            Status.UNKNOWN, met, _checked(criterion, ctx), _ask(criterion, ctx), unavailable=_unread(criterion, ctx)
+            Status.UNKNOWN,
+            met,
+            _checked(criterion, ctx),
+            _ask(criterion, ctx),
+            unavailable=_unread(criterion, ctx),
+            branch=why,
         )
 
     assert criterion.holds_when is not None
@@ -119,6 +139,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
                     holds,
                     f"present, lifted by documented {criterion.clearance} clearance",
                     cleared=lifted.evidence,
+                    branch="holds_when is true, lifted_by is true",
                 )
             if lifted.value is None:
                 return result(
@@ -126,18 +147,31 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
                     holds,
                     f"present; whether {criterion.clearance} clearance is documented could not be read",
                     criterion.ask or f"Document {criterion.clearance} clearance for IV ketamine.",
+                    branch="holds_when is true, lifted_by is unknown",
                 )
-            return result(Status.MET, holds, f"present, no {criterion.clearance} clearance on record")
-        return result(Status.MET, holds, "present")
+            text = f"present, no {criterion.clearance} clearance on record"
+            return result(Status.MET, holds, text, branch="holds_when is true, lifted_by is false")
+        return result(Status.MET, holds, "present", branch="holds_when is true")
     if holds.value is None and criterion.lifted_by is not None:
         lifted = _strictly(criterion.lifted_by, ctx)
         if lifted.value is True:
             return result(
-                Status.NOT_MET, holds, f"lifted by documented {criterion.clearance} clearance", cleared=lifted.evidence
+                Status.NOT_MET,
+                holds,
+                f"lifted by documented {criterion.clearance} clearance",
+                cleared=lifted.evidence,
+                branch="holds_when is unknown, lifted_by is true",
             )
     reviewed = review()
     if reviewed is not None:
-        return result(Status.UNKNOWN, reviewed, criterion.case_by_case_text, criterion.ask, case_by_case=True)
+        return result(
+            Status.UNKNOWN,
+            reviewed,
+            criterion.case_by_case_text,
+            criterion.ask,
+            case_by_case=True,
+            branch="case_by_case_when is true",
+        )
     if holds.value is None:
         return result(
             Status.UNKNOWN,
@@ -145,6 +179,7 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
             _checked(criterion, ctx),
             criterion.ask or "Document whether this applies.",
             unavailable=_unread(criterion, ctx),
+            branch="holds_when is unknown",
         )
     if criterion.case_by_case_when is not None:
         maybe = criterion.case_by_case_when.evaluate(ctx)
@@ -156,8 +191,9 @@ def evaluate_criterion(criterion: Criterion, ctx: FactContext) -> CriterionResul
                 maybe,
                 f"{criterion.case_by_case_text or 'may need case review'} (the evidence is not certain)",
                 criterion.ask or "Document whether this applies.",
+                branch="holds_when is false, case_by_case_when is unknown",
             )
-    return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence")
+    return result(Status.NOT_MET, holds, _checked(criterion, ctx) or "no evidence", branch="holds_when is false")
 
 
 def _ask(criterion: Criterion, ctx: FactContext) -> str:

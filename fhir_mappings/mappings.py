@@ -30,6 +30,7 @@ from fhir_mappings.routing import Route, RouteKind, Router, RoutingError
 from fhir_mappings.valuesets import ValueSetError, ValueSetRegistry
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAPPINGS_DIR = Path(__file__).resolve().parent  # valuesets/, policies/, facts.yaml, queries.yaml, routing.yaml
 _SITE_KEYS = {"valuesets", "credentialed_clinics", "payers", "no_policy_card"}
 
 
@@ -99,10 +100,12 @@ class Mappings:
     site: SiteConfig
 
     @classmethod
-    def load(cls, site: SiteConfig | None = None) -> Mappings:
+    def load(cls, site: SiteConfig | None = None, directory: str | Path | None = None) -> Mappings:
+        """The shipped mappings, or those of `directory` (a copy with the same layout, e.g. a candidate change)."""
         site = site or SiteConfig()
+        base = Path(directory) if directory is not None else MAPPINGS_DIR
         try:
-            registry = ValueSetRegistry.load()
+            registry = ValueSetRegistry.load(base / "valuesets")
             for vs_id, codes in site.valuesets.items():
                 if vs_id not in registry:
                     raise MappingError(f"site configuration valuesets: unknown value set {vs_id!r}")
@@ -115,10 +118,17 @@ class Mappings:
                         for c in site.credentialed_clinics
                     ],
                 )
-            queries = load_queries(registry)
-            facts = FactLibrary.load(registry)
-            policies = load_policies(facts)
-            router = Router.load(registry, set(policies), additions=site.payers, no_policy_card=site.no_policy_card)
+            queries = load_queries(registry, base / "queries.yaml")
+            facts = FactLibrary.load(registry, base / "facts.yaml")
+            policies = load_policies(facts, base / "policies")
+            routing = base / "routing.yaml"
+            router = Router.load(
+                registry,
+                set(policies),
+                routing,
+                additions=site.payers,
+                no_policy_card=site.no_policy_card,
+            )
         except (ValueSetError, QueryConfigError, FactError, PolicyError, RoutingError) as exc:
             raise MappingError(str(exc)) from None
         missing = (

@@ -10,7 +10,8 @@ reported with the file and the item's id when the service starts, never at reque
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -173,11 +174,54 @@ def _keys(node: Any, allowed: set[str], where: str, required: set[str] = frozens
     return node
 
 
-def _text(node: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
+def _text(
+    node: Mapping[str, Any], key: str, where: str, required: bool = True, thresholds: Mapping[str, Any] | None = None
+) -> str:
     value = node.get(key, "")
     if not isinstance(value, str) or (required and not value.strip()):
         raise PolicyError(f"{where}.{key}: required text")
-    return " ".join(value.split())
+    text = " ".join(value.split())
+    return text if thresholds is None else expand_thresholds(text, thresholds, f"{where}.{key}")
+
+
+# `{phq9_severe}` in a card text is the threshold's value, so the text follows the data; `{name:percent}` (0.8 -> 80),
+# `{name:weeks}` and `{name:months}` (a number of days) restate it in the unit the sentence uses. `{=6}` is a plain
+# number that only looks like a threshold (e.g. a derive parameter): `mappings validate` leaves it alone.
+PLACEHOLDER = re.compile(r"\{(?:=(?P<literal>\d+(?:\.\d+)?)|(?P<name>[a-z][a-z0-9_]*)(?::(?P<unit>[a-z]+))?)\}")
+_FORMATS: dict[str, Callable[[float], float]] = {
+    "": lambda v: v,
+    "percent": lambda v: v * 100,
+    "weeks": lambda v: v / 7,
+    "months": lambda v: round(v / 30.4375),
+}
+
+
+UNITS = tuple(_FORMATS)
+
+
+def format_threshold(value: Any, unit: str = "") -> str:
+    """A threshold as a card says it: `15`, `0.8` as `80` (percent), `42` days as `6` (weeks)."""
+    number = _FORMATS[unit](value)
+    return f"{number:g}" if isinstance(number, float) else str(number)
+
+
+def expand_thresholds(text: str, thresholds: Mapping[str, Any], where: str) -> str:
+    """Replace `{name}` / `{name:unit}` placeholders by the policy's thresholds; unknown names are refused."""
+
+    def value_of(match: re.Match[str]) -> str:
+        if match.group("literal"):
+            return match.group("literal")
+        name, unit = match.group("name"), match.group("unit") or ""
+        if name not in thresholds:
+            raise PolicyError(f"{where}: unknown threshold {{{name}}} (defined: {', '.join(sorted(thresholds))})")
+        if unit not in _FORMATS:
+            raise PolicyError(f"{where}: unknown unit {unit!r} in {{{name}:{unit}}} (known: percent, weeks, months)")
+        value = thresholds[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PolicyError(f"{where}: threshold {name!r} is not a number")
+        return format_threshold(value, unit)
+
+    return PLACEHOLDER.sub(value_of, text) if "{" in text else text
 
 
 def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
@@ -206,6 +250,9 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
         where=name,
     )
 
+    def said(node: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
+        return _text(node, key, where, required, thresholds)  # card texts: {threshold} placeholders expanded
+
     def rule(node: Any, where: str) -> Rule | None:
         if node is None:
             return None
@@ -228,10 +275,10 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
         scope.append(
             ScopeRule(
                 id=str(item["id"]),
-                title=_text(item, "title", where),
+                title=said(item, "title", where),
                 when=compiled,
                 outcome=Outcome(item["outcome"]),
-                message=_text(item, "message", where),
+                message=said(item, "message", where),
                 quote=_text(item, "quote", where, False),
                 silent=item.get("card", True) is False,
             )
@@ -286,18 +333,18 @@ def load_policy(path: str | Path, shared: FactLibrary) -> Policy:
             Criterion(
                 id=cid,
                 kind=kind,
-                title=_text(item, "title", where),
+                title=said(item, "title", where),
                 quote=_text(item, "quote", where),
-                how=_text(item, "how", where),
+                how=said(item, "how", where),
                 phases=phases_of,
                 met_when=rule(item.get("met_when"), f"{where}.met_when"),
                 not_met_when=rule(item.get("not_met_when"), f"{where}.not_met_when"),
                 holds_when=rule(item.get("holds_when"), f"{where}.holds_when"),
                 lifted_by=rule(item.get("lifted_by"), f"{where}.lifted_by"),
                 case_by_case_when=rule(item.get("case_by_case_when"), f"{where}.case_by_case_when"),
-                ask=_text(item, "ask", where, False),
-                not_met_text=_text(item, "not_met_text", where, False),
-                case_by_case_text=_text(item, "case_by_case_text", where, False),
+                ask=said(item, "ask", where, False),
+                not_met_text=said(item, "not_met_text", where, False),
+                case_by_case_text=said(item, "case_by_case_text", where, False),
                 clearance=_text(item, "clearance", where, False),
                 suggestion=suggestion,
             )

@@ -564,3 +564,80 @@ def compile_rule(node: Any, ctx: CompileContext, path: str | None = None) -> Rul
         op, threshold = _op_of(node, path, (*_OPS, "is"))
         return _Value(name, op, _resolve(threshold, ctx, path), frozenset({name}))
     raise RuleError(f"{path}: unknown rule {sorted(node)}")
+
+
+# --- explanation (explain tools only: evaluation never calls this) -------------------------------------
+@dataclass(frozen=True)
+class RuleTrace:
+    """A rule's verdict with the verdicts of its parts, for `ketamine-cds evaluate --explain`."""
+
+    text: str  # the rule in words, thresholds resolved: "exists phq9_scores where (within 30 days and value >= 15)"
+    value: Truth
+    evidence: tuple[Evidence, ...]
+    parts: tuple[RuleTrace, ...] = ()
+
+
+def explain_rule(rule: Rule, src: FactSource) -> RuleTrace:
+    """Evaluate `rule` again, part by part. Rules are pure functions of the (cached) facts, so this gives the
+    verdicts the engine saw, at no cost to the request path."""
+    verdict = rule.evaluate(src)
+    parts: tuple[Rule, ...] = ()
+    if isinstance(rule, _All | _Any):
+        parts = rule.parts
+    elif isinstance(rule, _Not):
+        parts = (rule.part,)
+    return RuleTrace(describe_rule(rule), verdict.value, verdict.evidence, tuple(explain_rule(p, src) for p in parts))
+
+
+def _said(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_said(v) for v in value) + "]"
+    return str(value)
+
+
+def describe_cond(cond: Cond) -> str:
+    """A condition in words (thresholds resolved)."""
+    if isinstance(cond, _AllCond | _AnyCond):
+        joiner = " and " if isinstance(cond, _AllCond) else " or "
+        return "(" + joiner.join(describe_cond(p) for p in cond.parts) + ")"
+    if isinstance(cond, _NotCond):
+        inner = describe_cond(cond.part)
+        return "not " + (inner if inner.startswith("(") else f"({inner})")
+    if isinstance(cond, _FieldCond):
+        return f"{cond.field} {cond.op} {_said(cond.value)}"
+    if isinstance(cond, _WithinDays):
+        what = f"{cond.of} " if cond.of else ""
+        return f"{what}{'older than' if cond.older else 'within'} {cond.days} days"
+    if isinstance(cond, _CodeIn):
+        return f"code in {cond.valueset}"
+    return "any item"
+
+
+def describe_rule(rule: Rule) -> str:
+    """A rule in words (thresholds resolved); composite rules name only their connective."""
+    if isinstance(rule, _All):
+        return "all of"
+    if isinstance(rule, _Any):
+        return "any of"
+    if isinstance(rule, _Not):
+        return "not"
+
+    def where(cond: Cond) -> str:
+        return "" if isinstance(cond, _TrueCond) else f" where {describe_cond(cond)}"
+
+    if isinstance(rule, _Exists):
+        text = f"exists {rule.fact_name}{where(rule.where)}"
+        for after in rule.after if isinstance(rule.after, tuple) else (rule.after,) if rule.after else ():
+            text += f", dated on or after the latest {after.fact_name}{where(after.where)}"
+        return text + (" (none on record: unknown)" if rule.absent_unknown else "")
+    if isinstance(rule, _Count):
+        counted = f"distinct {rule.distinct_field} of {rule.fact_name}" if rule.distinct_field else rule.fact_name
+        return f"count {counted}{where(rule.where)} {rule.op} {rule.threshold}"
+    if isinstance(rule, _Latest):
+        text = f"latest {rule.fact_name}{where(rule.where)} has {describe_cond(rule.then)}"
+        return text + (" (none on record: unknown)" if rule.absent_unknown else "")
+    if isinstance(rule, _Value):
+        return f"{rule.fact_name} {rule.op} {_said(rule.threshold)}"
+    return type(rule).__name__

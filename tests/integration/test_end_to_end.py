@@ -113,7 +113,7 @@ def test_gunicorn_wsgi_module_serves_the_app(tmp_path: Path) -> None:
             try:
                 r = requests.get(f"http://127.0.0.1:{port}/cds-services", timeout=2)
                 break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # bound by the master, workers still booting
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(process.stderr.read().decode()[-2000:] if process.stderr else "") from None
                 time.sleep(0.2)
