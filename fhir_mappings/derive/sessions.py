@@ -83,10 +83,11 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     own_ids = {o.ref for o in ctx.group.orders} if ctx.group else set()
     # a psychotherapy record that is the KAP dosing session itself (recorded with it) is not an integration session
     own_ids |= {e.reference for i in all_kap for e in (i.evidence, *i.support)}
+    sessions_fact = ctx.fact(params["sessions"])
     earlier = sorted(
         (
             s
-            for s in ctx.fact(params["sessions"]).value or ()
+            for s in sessions_fact.value or ()
             if isinstance(s, Item)
             and s.date
             and (s.latest_date or s.date) >= course_start
@@ -120,7 +121,11 @@ def integration_timing(ctx: FactContext, params: Mapping[str, Any], fact: Derive
         support=tuple(s.evidence for s in earlier) + tuple(i.evidence for i in doubtful),
         # an earlier session dated only by month or year may be the same day or the first after the KAP session:
         # then how many sessions came before, and when, is not decided
-        certain=not doubtful and not any(s.span is not None for s in earlier),
+        # … and when sessions or KAP sessions could not all be read, more of them may be on record
+        certain=not doubtful
+        and not any(s.span is not None for s in earlier)
+        and sessions_fact.complete
+        and kap_fact.complete,
         fields={
             "days_after_kap": days_after,
             "sessions_in_course": len(earlier),

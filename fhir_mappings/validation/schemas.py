@@ -340,7 +340,7 @@ def policy_schema() -> dict[str, Any]:
                 "clearance": _TEXT,
                 "ask_parts": {
                     "type": "array",
-                    "description": "parts of a requirement: the card asks only for the parts whose met_when is not true",
+                    "description": "parts of a requirement: the card asks only for parts whose met_when is not true",
                     "items": {
                         "type": "object",
                         "properties": {"ask": text_with_thresholds, "met_when": rule_ref},
