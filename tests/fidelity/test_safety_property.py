@@ -36,6 +36,9 @@ _DATE_KEYS = (
 )  # fmt: skip
 # examples per chunk and run (4 chunks): CI explores 300 degraded records; KETAMINE_CDS_SAFETY_EXAMPLES for more
 EXAMPLES = int(os.environ.get("KETAMINE_CDS_SAFETY_EXAMPLES", "75"))
+# CI explores the same examples every run (a red CI is then a real, reproducible defect); set
+# KETAMINE_CDS_SAFETY_RANDOM=1 to explore new ones (that is how the defects fixed so far were found).
+DERANDOMIZE = not os.environ.get("KETAMINE_CDS_SAFETY_RANDOM")
 _VALUE_KEYS = ("valueQuantity", "valueInteger", "valueString", "valueCodeableConcept", "valueBoolean")
 
 
@@ -178,7 +181,9 @@ def degrade(record: PatientRecord, steps: list[tuple[int, int]]) -> tuple[Patien
 def test_less_certain_data_never_makes_a_record_likely_authorized(chunk: int) -> None:
     seeds = SEEDS[chunk::4]
 
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=DERANDOMIZE, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(
         st.integers(0, len(seeds) - 1),
         st.lists(st.tuples(st.integers(0, len(DEGRADATIONS) - 1), st.integers(0, 200)), min_size=1, max_size=3),
