@@ -25,6 +25,7 @@ from fhir_mappings.model import Decision, Evidence, Outcome
 from fhir_mappings.orders import OrderClassifier, OrderGroup, OrderKind
 from fhir_mappings.policy import Policy, PolicyError, load_policies
 from fhir_mappings.queries import QueryConfigError, QuerySet, load_queries
+from fhir_mappings.reading.text import shared_reader
 from fhir_mappings.record import PatientRecord
 from fhir_mappings.routing import Route, RouteKind, Router, RoutingError
 from fhir_mappings.valuesets import ValueSetError, ValueSetRegistry
@@ -104,6 +105,7 @@ class Mappings:
         """The shipped mappings, or those of `directory` (a copy with the same layout, e.g. a candidate change)."""
         site = site or SiteConfig()
         base = Path(directory) if directory is not None else MAPPINGS_DIR
+        shared_reader()  # the ConText pipeline, loaded once per process here rather than on the first note read
         try:
             registry = ValueSetRegistry.load(base / "valuesets")
             for vs_id, codes in site.valuesets.items():
