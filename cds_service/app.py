@@ -17,24 +17,27 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask_cors import CORS
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from cds_service.audit import AuditStore, HookCallRecord
+from cds_service.audit import AuditStore, AuditStoreError, HookCallRecord
 from cds_service.auth import AuthError, Caller, JwtVerifier, SharedReplayCache, TrustedIssuers
 from cds_service.config import ServiceConfig
 from cds_service.discovery import SERVICE_ID, discovery_document
 from cds_service.errors import Issue, ServiceError, operation_outcome
 from cds_service.feedback import parse_feedback
 from cds_service.fhir_client import FhirClient
-from cds_service.hook import HookOutcome, handle_order_sign
-from cds_service.hook_request import warm_up_fhir_models
+from cds_service.hook import CallTrace, HookOutcome, handle_order_sign
+from cds_service.hook_request import ORDER_TYPES, JsonLimits, parse_json, warm_up_fhir_models
 from fhir_mappings.mappings import Mappings
+from fhir_mappings.resource_shapes import warm_up as warm_up_shapes
 from fhir_mappings.validation import load_validated
 
 log = logging.getLogger("ketamine_cds")
 Clock = Callable[[], datetime]
+# Types that reach the record by reference rather than by a query: their shape definitions are loaded at start-up.
+_REFERENCE_TARGET_TYPES = ("Practitioner", "PractitionerRole", "Organization", "Location", "Medication")
 
 
 def utc_now() -> datetime:
@@ -53,9 +56,25 @@ class ServiceState:
     audit: AuditStore
     clock: Clock = utc_now
     warned: set[str] = field(default_factory=set)
+    json_limits: JsonLimits = field(default_factory=JsonLimits)
+    audit_failures: int = 0  # audit rows that could not even be handed to the store (logged as errors)
 
     def endpoint_url(self, path: str) -> str:
         return self.config.base_url + path
+
+
+@dataclass
+class PendingAudit:
+    """The audit row of the call being answered; written exactly once, by `after_request`, with the status
+    actually sent — whatever happened (200, 4xx, 413, 401, an unexpected 5xx)."""
+
+    endpoint: str  # "hook" | "feedback"
+    started: float
+    caller: Caller | None = None
+    trace: CallTrace = field(default_factory=CallTrace)
+    outcome: HookOutcome | None = None
+    stored: int | None = None  # feedback rows newly stored
+    error: str | None = None
 
 
 class _CollapseSlashes:
@@ -98,14 +117,19 @@ def create_app(
         mappings=mappings,
         verifier=verifier,
         issuers=issuers,
-        fhir=fhir_client or FhirClient(timeout=config.fhir_timeout, max_workers=max(16, config.threads * 14)),
+        fhir=fhir_client
+        or FhirClient(
+            timeout=config.fhir_timeout, max_workers=config.fhir_concurrency, page_size=config.fhir_page_size
+        ),
         audit=audit,
         clock=clock or utc_now,
+        json_limits=JsonLimits(max_bytes=config.max_body_bytes, max_depth=config.max_json_depth),
     )
     warm_up_fhir_models()
+    warm_up_shapes({*mappings.queries.supplied_types(), *ORDER_TYPES, *_REFERENCE_TARGET_TYPES})
 
     app = Flask("ketamine_cds")
-    app.config["MAX_CONTENT_LENGTH"] = 8 * 1024 * 1024
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["ketamine_cds"] = state
     app.wsgi_app = _CollapseSlashes(app.wsgi_app)  # type: ignore[method-assign]
@@ -135,6 +159,10 @@ def create_app(
 
 
 def _register_routes(app: Flask, state: ServiceState) -> None:
+    @app.before_request
+    def start_clock() -> None:
+        g.started = time.perf_counter()
+
     @app.after_request
     def no_store(response: Response) -> Response:
         response.headers.setdefault("Cache-Control", "no-store")  # answers carry patient-specific advice
@@ -149,64 +177,63 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
 
     @app.post(f"/cds-services/{SERVICE_ID}")
     def order_sign() -> Response:
-        started = time.perf_counter()
-        caller: Caller | None = None
-        outcome: HookOutcome | None = None
-        status, error = 500, "internal error"
-        try:
-            caller = _authenticate(state, f"/cds-services/{SERVICE_ID}")
-            outcome = handle_order_sign(state, request.get_data(), caller)
-            status, error = 200, None
-            return jsonify(outcome.response)
-        except ServiceError as exc:
-            status, error = exc.status, exc.issues[0].diagnostics if exc.issues else str(exc.status)
-            raise
-        finally:
-            _audit_hook(state, started, status, error, caller, outcome)
+        pending = _begin_audit("hook")
+        pending.caller = _authenticate(state, f"/cds-services/{SERVICE_ID}")  # before the body is even read
+        raw = _read_body()
+        pending.outcome = handle_order_sign(state, raw, pending.caller, pending.trace)
+        return jsonify(pending.outcome.response)
 
     @app.post(f"/cds-services/{SERVICE_ID}/feedback")
     def feedback() -> Response:
-        started = time.perf_counter()
-        caller: Caller | None = None
-        status, error, stored = 500, "internal error", 0
+        pending = _begin_audit("feedback")
+        pending.caller = _authenticate(state, f"/cds-services/{SERVICE_ID}/feedback")
+        body = parse_json(_read_body(), state.json_limits)
+        items = parse_feedback(body)
         try:
-            caller = _authenticate(state, f"/cds-services/{SERVICE_ID}/feedback")
-            body = request.get_json(silent=True)
-            if body is None:
-                raise ServiceError(400, "request body is not valid JSON", code="structure")
-            items = parse_feedback(body)
-            stored = state.audit.record_feedback(SERVICE_ID, items, caller.iss if caller else None)
-            status, error = 200, None
-            return jsonify({"stored": stored, "received": len(items)})
-        except ServiceError as exc:
-            status, error = exc.status, exc.issues[0].diagnostics if exc.issues else str(exc.status)
-            raise
-        finally:
-            state.audit.record_call(
-                HookCallRecord(
-                    received_at=state.clock(),
-                    service_id=SERVICE_ID,
-                    endpoint="feedback",
-                    hook=None,
-                    hook_instance=None,
-                    status_code=status,
-                    latency_ms=round((time.perf_counter() - started) * 1000, 2),
-                    outcome="stored" if status == 200 else "refused",
-                    decisions=[],
-                    cards=[],
-                    system_actions=[],
-                    mapping_version=state.mappings.version,
-                    issuer=caller.iss if caller else None,
-                    patient_id=None,
-                    user_id=None,
-                    fhir_server=None,
-                    error=error,
-                )
-            )
+            stored = state.audit.record_feedback(SERVICE_ID, items, pending.caller.iss if pending.caller else None)
+        except AuditStoreError:
+            # Logged by the store (class of error only); the client must retry, so say so with a 503.
+            raise ServiceError(
+                503, [Issue("feedback could not be stored now; retry later", code="transient")]
+            ) from None
+        pending.stored = stored
+        return jsonify({"stored": stored, "received": len(items)})
+
+    @app.after_request
+    def write_audit(response: Response) -> Response:
+        pending: PendingAudit | None = g.pop("pending_audit", None)
+        if pending is not None:
+            _write_audit(state, pending, response.status_code)
+        return response
 
     @app.get("/healthz")
     def health() -> Response:
-        return jsonify({"status": "ok", "mappings": state.mappings.version})
+        return jsonify(
+            {
+                "status": "ok",
+                "mappings": state.mappings.version,
+                # Counters, no content: audit rows that were dropped or could not be written (each logged).
+                "audit": {
+                    "dropped": state.audit.dropped_count,
+                    "failed": state.audit.failed_count + state.audit_failures,
+                    "feedback_failed": state.audit.feedback_failed_count,
+                },
+            }
+        )
+
+
+def _begin_audit(endpoint: str) -> PendingAudit:
+    pending = PendingAudit(endpoint=endpoint, started=g.get("started", time.perf_counter()))
+    g.pending_audit = pending
+    return pending
+
+
+def _read_body() -> bytes:
+    """The raw request body, at most MAX_CONTENT_LENGTH bytes (413 with an OperationOutcome beyond)."""
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge:
+        raise ServiceError(413, [Issue("request body too large", code="too-costly")]) from None
 
 
 def _authenticate(state: ServiceState, path: str) -> Caller | None:
@@ -224,43 +251,49 @@ def _authenticate(state: ServiceState, path: str) -> Caller | None:
         raise ServiceError(401, [Issue("authentication failed", code="login")]) from None
 
 
-def _audit_hook(
-    state: ServiceState,
-    started: float,
-    status: int,
-    error: str | None,
-    caller: Caller | None,
-    outcome: HookOutcome | None,
-) -> None:
-    latency = round((time.perf_counter() - started) * 1000, 2)
-    state.audit.record_call(
-        HookCallRecord(
+def _write_audit(state: ServiceState, pending: PendingAudit, status: int) -> None:
+    """Hand the call's row to the store; a row that cannot even be built is logged as an error and counted."""
+    try:
+        outcome = pending.outcome if status == 200 else None
+        trace = pending.trace
+        if pending.endpoint == "hook":
+            kind = outcome.kind if outcome else ("refused" if 400 <= status < 500 else "error")
+        else:
+            kind = "stored" if status == 200 else ("refused" if 400 <= status < 500 else "error")
+        record = HookCallRecord(
             received_at=state.clock(),
             service_id=SERVICE_ID,
-            endpoint="hook",
-            hook="order-sign",
-            hook_instance=outcome.hook_instance if outcome else _peek_hook_instance(),
+            endpoint=pending.endpoint,
+            hook="order-sign" if pending.endpoint == "hook" else None,
+            hook_instance=outcome.hook_instance if outcome else trace.hook_instance,
             status_code=status,
-            latency_ms=latency,
-            outcome=outcome.kind if outcome else ("refused" if 400 <= status < 500 else "error"),
+            latency_ms=round((time.perf_counter() - pending.started) * 1000, 2),
+            outcome=kind,
             decisions=outcome.decision_summaries if outcome else [],
             cards=outcome.response["cards"] if outcome else [],
             system_actions=outcome.response["systemActions"] if outcome else [],
             mapping_version=state.mappings.version,
-            issuer=caller.iss if caller else None,
-            patient_id=outcome.patient_id if outcome else None,
-            user_id=outcome.user_id if outcome else None,
-            fhir_server=outcome.fhir_server if outcome else None,
-            error=error,
+            issuer=pending.caller.iss if pending.caller else None,
+            patient_id=outcome.patient_id if outcome else trace.patient_id,
+            user_id=outcome.user_id if outcome else trace.user_id,
+            fhir_server=outcome.fhir_server if outcome else trace.fhir_server,
+            error=None if status == 200 else (pending.error or f"HTTP {status}"),
         )
-    )
+        state.audit.record_call(record)
+    except Exception as exc:  # the answer has been computed: never let auditing replace it with a 500
+        state.audit_failures += 1
+        log.error(
+            "audit: could not record a %s call (%s); %d so far",
+            pending.endpoint,
+            type(exc).__name__,
+            state.audit_failures,
+        )
 
 
-def _peek_hook_instance() -> str | None:
-    """The hookInstance of a refused call, for the audit trail, if the body is JSON at all."""
-    body = request.get_json(silent=True)
-    value = body.get("hookInstance") if isinstance(body, dict) else None
-    return value[:64] if isinstance(value, str) else None
+def _note_error(message: str) -> None:
+    pending: PendingAudit | None = g.get("pending_audit")
+    if pending is not None:
+        pending.error = message[:500]
 
 
 def _register_errors(app: Flask) -> None:
@@ -271,6 +304,7 @@ def _register_errors(app: Flask) -> None:
         reasons = "; ".join(issue.diagnostics for issue in exc.issues[:5])
         log.warning("%s %s refused with HTTP %d: %s", request.method, request.path, exc.status, reasons)
         headers = {"WWW-Authenticate": 'Bearer realm="ketamine-cds"'} if exc.status == 401 else {}
+        _note_error(exc.issues[0].diagnostics if exc.issues else str(exc.status))
         return jsonify(exc.body()), exc.status, headers
 
     @app.errorhandler(HTTPException)
@@ -278,6 +312,7 @@ def _register_errors(app: Flask) -> None:
         code = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}.get(
             exc.code or 500, "processing"
         )
+        _note_error(f"{exc.code} {exc.name}")
         body = operation_outcome([Issue(f"{exc.code} {exc.name}", code=code)])
         return jsonify(body), exc.code or 500
 
@@ -287,5 +322,6 @@ def _register_errors(app: Flask) -> None:
         # Frames only, plus the exception type: exception messages may quote request data.
         frames = "".join(traceback.format_tb(exc.__traceback__))
         log.error("unhandled %s (trace %s)\n%s", type(exc).__name__, trace_id, frames)
+        _note_error(f"internal error {type(exc).__name__} (trace {trace_id})")
         body = operation_outcome([Issue(f"internal error (trace {trace_id})", code="exception")])
         return jsonify(body), 500

@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import functools
 import logging
+import math
 import os
 import queue
 import re
@@ -230,6 +231,31 @@ def scrub_secrets(value: Any) -> Any:
     return value
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+
+
+def sanitise_for_store(value: Any) -> Any:
+    """A copy of a JSON-like value that every supported database can store: NUL (refused by PostgreSQL text
+    and JSONB) and lone surrogates (not encodable as UTF-8) become U+FFFD, in keys and values, at any depth.
+
+    The value is kept, not dropped: an audit row must exist for every answered call, whatever it carried.
+    """
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(REPLACEMENT, value) if _needs_sanitising(value) else value
+    if isinstance(value, Mapping):
+        return {sanitise_for_store(str(key)): sanitise_for_store(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [sanitise_for_store(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/Infinity are not JSON
+    return value
+
+
+def _needs_sanitising(text: str) -> bool:
+    return "\x00" in text or (not text.isascii() and _UNSTORABLE.search(text) is not None)
+
+
 def _as_utc(moment: datetime) -> datetime:
     """Naive datetimes are taken as UTC (SQLite returns them naive); aware ones are converted."""
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
@@ -311,6 +337,8 @@ class AuditStore:
         self._pending = 0  # enqueued and not yet written (or given up on)
         self._dropped = 0
         self._failed = 0
+        self._written = 0
+        self._feedback_failed = 0
         self._last_drop_warning = float("-inf")
         self._closed = False
 
@@ -411,6 +439,18 @@ class AuditStore:
             return self._dropped
 
     @property
+    def written_count(self) -> int:
+        """Call records written by this store (this process) so far."""
+        with self._state:
+            return self._written
+
+    @property
+    def feedback_failed_count(self) -> int:
+        """Feedback requests the database refused (the client got a 503 and may retry)."""
+        with self._state:
+            return self._feedback_failed
+
+    @property
     def failed_count(self) -> int:
         """Call records the database refused (after retries); each was logged without its content."""
         with self._state:
@@ -454,18 +494,19 @@ class AuditStore:
         for item in items:  # duplicates inside one request collapse here; repeats across requests in the DB
             timestamp = _as_utc(item.outcome_timestamp)
             rows_by_key.setdefault(
-                (item.card_uuid, item.outcome, timestamp),
-                {
-                    "received_at": received_at,
-                    "service_id": service_id,
-                    "card_uuid": item.card_uuid,
-                    "outcome": item.outcome,
-                    "outcome_timestamp": timestamp,
-                    "accepted_suggestions": list(item.accepted_suggestions),
-                    "override_reason": scrub_secrets(item.override_reason) if item.override_reason else None,
-                    "user_comment": item.user_comment,
-                    "issuer": issuer,
-                },
+                (sanitise_for_store(item.card_uuid), item.outcome, timestamp),
+                sanitise_for_store(
+                    {
+                        "service_id": service_id,
+                        "card_uuid": item.card_uuid,
+                        "outcome": item.outcome,
+                        "accepted_suggestions": list(item.accepted_suggestions),
+                        "override_reason": scrub_secrets(item.override_reason) if item.override_reason else None,
+                        "user_comment": item.user_comment,
+                        "issuer": issuer,
+                    }
+                )
+                | {"received_at": received_at, "outcome_timestamp": timestamp},
             )
         if not rows_by_key:
             return 0
@@ -480,7 +521,15 @@ class AuditStore:
             with self._memory_lock, self._engine.begin() as connection:
                 inserted = len(connection.execute(statement).all())
         except sa_exc.SQLAlchemyError as exc:
-            logger.error("audit: could not store %d feedback item(s): %s", len(rows_by_key), self._explain(exc))
+            with self._state:
+                self._feedback_failed += 1
+                failures = self._feedback_failed
+            logger.error(
+                "audit: could not store %d feedback item(s): %s (%d feedback write(s) failed so far)",
+                len(rows_by_key),
+                self._explain(exc),
+                failures,
+            )
             raise AuditStoreError(f"could not store feedback: {self._explain(exc)}") from None
         return inserted
 
@@ -582,7 +631,7 @@ class AuditStore:
         now = time.monotonic()
         if now - self._last_drop_warning >= _DROP_WARNING_INTERVAL_S:
             self._last_drop_warning = now
-            logger.warning("audit: %s, %d call record(s) dropped so far", reason, self._dropped)
+            logger.error("audit: %s, %d call record(s) dropped so far", reason, self._dropped)
 
     def _run_writer(self, writer_queue: queue.Queue[Any]) -> None:
         """Background thread: take whatever is queued, write it in one transaction, repeat until _STOP."""
@@ -637,15 +686,18 @@ class AuditStore:
                     except Exception as exc:
                         failed, last_error = failed + 1, exc
 
+        with self._state:
+            self._written += len(records) - failed
+            self._failed += failed
+            failures = self._failed
         if failed:
-            with self._state:
-                self._failed += failed
             assert last_error is not None
             logger.error(
-                "audit: %d of %d call record(s) could not be written: %s",
+                "audit: %d of %d call record(s) could not be written: %s (%d failed so far)",
                 failed,
                 len(records),
                 self._explain(last_error),
+                failures,
             )
 
     def _insert_calls_with_retry(self, rows: list[dict[str, Any]]) -> Exception | None:
@@ -666,23 +718,27 @@ class AuditStore:
 
     @staticmethod
     def _call_row(record: HookCallRecord) -> dict[str, Any]:
-        """The database row for a record: UTC time, JSON payloads copied without secrets."""
-        return {
-            "received_at": _as_utc(record.received_at),
-            "service_id": record.service_id,
-            "endpoint": record.endpoint,
-            "hook": record.hook,
-            "hook_instance": record.hook_instance,
-            "status_code": int(record.status_code),
-            "latency_ms": float(record.latency_ms),
-            "outcome": record.outcome,
-            "decisions": scrub_secrets(list(record.decisions or [])),
-            "cards": scrub_secrets(list(record.cards or [])),
-            "system_actions": scrub_secrets(list(record.system_actions or [])),
-            "mapping_version": record.mapping_version,
-            "issuer": record.issuer,
-            "patient_id": record.patient_id,
-            "user_id": record.user_id,
-            "fhir_server": record.fhir_server,
-            "error": record.error,
-        }
+        """The database row for a record: UTC time, JSON payloads copied without secrets, every string
+        sanitised for the store (NUL, lone surrogates)."""
+        row = sanitise_for_store(
+            {
+                "service_id": record.service_id,
+                "endpoint": record.endpoint,
+                "hook": record.hook,
+                "hook_instance": record.hook_instance,
+                "outcome": record.outcome,
+                "decisions": scrub_secrets(list(record.decisions or [])),
+                "cards": scrub_secrets(list(record.cards or [])),
+                "system_actions": scrub_secrets(list(record.system_actions or [])),
+                "mapping_version": record.mapping_version,
+                "issuer": record.issuer,
+                "patient_id": record.patient_id,
+                "user_id": record.user_id,
+                "fhir_server": record.fhir_server,
+                "error": record.error,
+            }
+        )
+        row["received_at"] = _as_utc(record.received_at)
+        row["status_code"] = int(record.status_code)
+        row["latency_ms"] = float(record.latency_ms)
+        return row

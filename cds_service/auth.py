@@ -13,6 +13,8 @@ caller cannot point `fhirServer` at an internal host.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import heapq
 import json
 import logging
@@ -29,6 +31,9 @@ from urllib.parse import unquote, urlsplit
 import jwt
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from cds_service.fhir_client import WATCHDOG, guarded_session
+from cds_service.hook_request import JsonLimits, load_json
 
 log = logging.getLogger(__name__)
 
@@ -125,14 +130,22 @@ def fhir_server_allowed(url: str, prefixes: Iterable[str]) -> bool:
     URLs with userinfo, non-http(s) schemes or dot segments (also percent-encoded) are never allowed, because
     servers and proxies disagree on how to resolve them. Invalid prefixes allow nothing.
     """
+    return matching_fhir_prefix(url, prefixes) is not None
+
+
+def matching_fhir_prefix(url: str, prefixes: Iterable[str]) -> str | None:
+    """The configured prefix `url` lies under (the first, in file order), or None; rules of `fhir_server_allowed`.
+
+    The FHIR client keys its connection pool and concurrency cap by this entry, so the sub-paths a caller
+    may vary under one allowed base all share one bounded pool."""
     target = _parse_http_location(url)
     if target is None:
-        return False
+        return None
     for prefix in prefixes:
         base = _parse_http_location(prefix)
         if base is not None and base.contains(target):
-            return True
-    return False
+            return prefix
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -428,10 +441,20 @@ class _JwksCache:
 
     def _fetch(self, url: str) -> list[dict[str, Any]]:
         """GET the JWKS: no redirects (they could lead anywhere), bounded size, timeout; errors become AuthError."""
+        stop_at = time.monotonic() + self._timeout
         try:
-            with self._session.get(
-                url, timeout=self._timeout, allow_redirects=False, stream=True, headers={"Accept": "application/json"}
-            ) as response:
+            # One deadline for connect, headers and body: a JWKS endpoint that trickles cannot hold the
+            # request threads of every caller of this issuer (they wait on this fetch) past it.
+            with (
+                WATCHDOG.guard(stop_at),
+                self._session.get(
+                    url,
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    stream=True,
+                    headers={"Accept": "application/json"},
+                ) as response,
+            ):
                 if response.status_code != 200:
                     raise AuthError(f"JWKS fetch from {url} failed: HTTP {response.status_code}")
                 body = bytearray()
@@ -439,7 +462,9 @@ class _JwksCache:
                     body += chunk
                     if len(body) > MAX_JWKS_BYTES:
                         raise AuthError(f"JWKS fetch from {url} failed: larger than {MAX_JWKS_BYTES} bytes")
-            doc = json.loads(bytes(body))
+                    if time.monotonic() > stop_at:
+                        raise AuthError(f"JWKS fetch from {url} failed: timeout")
+            doc = load_json(bytes(body), JsonLimits(max_bytes=MAX_JWKS_BYTES, max_depth=16))
         except AuthError as exc:
             log.warning("%s", exc)
             raise
@@ -484,15 +509,32 @@ def _bearer_token(authorization: str | None) -> str:
     return token
 
 
-def _checked_header(token: str) -> dict[str, Any]:
-    """The JOSE header, once it passes the rules of CDS Hooks 2.0: asymmetric alg, kid, typ JWT."""
+_JWT_SEGMENT_LIMITS = JsonLimits(max_bytes=MAX_AUTHORIZATION_LENGTH, max_depth=8, max_string_length=4096)
+
+
+def _segment_json(segment: str, what: str) -> dict[str, Any]:
+    """A JWS header or payload segment decoded and parsed within tight limits, before PyJWT sees it: a
+    deeply nested, duplicate-keyed or non-object segment is a malformed token, never an exception."""
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
-        raise AuthError("malformed token header") from exc
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = load_json(raw, _JWT_SEGMENT_LIMITS)
+    except (ValueError, binascii.Error):  # JsonInputError is a ValueError
+        raise AuthError(f"malformed token {what}") from None
+    if not isinstance(value, dict):
+        raise AuthError(f"malformed token {what} (not a JSON object)")
+    return value
+
+
+def _checked_header(token: str) -> dict[str, Any]:
+    """The JOSE header, once it passes the rules of CDS Hooks 2.0: asymmetric alg, kid, typ JWT.
+
+    Every field is type-checked before it is used (an `alg` sent as a list is refused, not hashed)."""
+    header = _segment_json(token.split(".", 1)[0], "header")
     alg = header.get("alg")
+    if not isinstance(alg, str):
+        raise AuthError("alg missing or not a string")
     if alg not in ALLOWED_ALGORITHMS:
-        raise AuthError(f"alg {alg!r} not allowed (ES384 or RS384 only)" if isinstance(alg, str) else "alg missing")
+        raise AuthError(f"alg {alg[:20]!r} not allowed (ES384 or RS384 only)")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise AuthError("kid header missing")
@@ -505,10 +547,7 @@ def _checked_header(token: str) -> dict[str, Any]:
 
 
 def _unverified_claims(token: str) -> dict[str, Any]:
-    try:
-        return jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError as exc:
-        raise AuthError("malformed token payload") from exc
+    return _segment_json(token.split(".")[1], "payload")
 
 
 def _public_key_for(jwk: dict[str, Any], alg: str) -> jwt.PyJWK:
@@ -554,7 +593,7 @@ class JwtVerifier:
         self._max_lifetime = max_lifetime
         self._clock = clock
         self._replay_cache = replay_cache if replay_cache is not None else ReplayCache(leeway=leeway, clock=clock)
-        self._jwks_cache = _JwksCache(session or requests.Session(), jwks_ttl, jwks_timeout, clock)
+        self._jwks_cache = _JwksCache(session or guarded_session(4), jwks_ttl, jwks_timeout, clock)
 
     def verify(self, authorization: str | None, audience: str | Iterable[str]) -> Caller:
         """Return the verified caller or raise AuthError.
@@ -618,8 +657,10 @@ class JwtVerifier:
         if exp - iat > self._max_lifetime:
             raise AuthError(f"token lifetime longer than {self._max_lifetime} s")
         jti = claims["jti"]
-        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
-            raise AuthError(f"jti claim must be a non-empty string of at most {MAX_JTI_LENGTH} characters")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH or _CONTROL_CHARS.search(jti):
+            raise AuthError(
+                f"jti claim must be a non-empty string of at most {MAX_JTI_LENGTH} characters, without controls"
+            )
         if claims.get("tenant") is not None and not isinstance(claims["tenant"], str):
             raise AuthError("tenant claim is not a string")
 

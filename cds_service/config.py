@@ -66,6 +66,17 @@ class ServiceConfig:
     fetch_budget: float = field(
         default=4.0, metadata={"help": "seconds allowed for gathering the whole patient record"}
     )
+    fhir_concurrency: int = field(
+        default=16,
+        metadata={"help": "concurrent requests to one FHIR server (per allow-list entry, per worker process)"},
+    )
+    fhir_page_size: int = field(
+        default=1000, metadata={"help": "`_count` asked of every FHIR search (servers may answer with fewer)"}
+    )
+    max_body_bytes: int = field(
+        default=8 * 1024 * 1024, metadata={"help": "largest hook/feedback request body accepted (413 above)"}
+    )
+    max_json_depth: int = field(default=64, metadata={"help": "deepest JSON nesting accepted (413 above)"})
     workers: int = field(default=2, metadata={"help": "gunicorn worker processes"})
     threads: int = field(default=8, metadata={"help": "threads per gunicorn worker"})
     log_level: str = field(default="INFO", metadata={"help": "logging level"})
@@ -98,6 +109,10 @@ class ServiceConfig:
             raise ConfigError("--database: expected sqlite:///path or postgresql://user@host:port/db")
         if self.fhir_timeout <= 0 or self.fetch_budget <= 0:
             raise ConfigError("--fhir-timeout and --fetch-budget must be positive")
+        if min(self.fhir_concurrency, self.fhir_page_size, self.max_body_bytes, self.max_json_depth) < 1:
+            raise ConfigError(
+                "--fhir-concurrency, --fhir-page-size, --max-body-bytes and --max-json-depth must be at least 1"
+            )
         return self
 
 

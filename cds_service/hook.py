@@ -13,14 +13,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from cards import build_response
-from cds_service.auth import Caller, fhir_server_allowed
+from cds_service.auth import Caller, fhir_server_allowed, matching_fhir_prefix
 from cds_service.crd_version import error_status, refuse_unhandled_coverage, requested_version
 from cds_service.errors import Issue, ServiceError
-from cds_service.hook_request import HookRequest, parse_json, validate_orders_fhir, validate_request
+from cds_service.hook_request import (
+    HookRequest,
+    normalise_body,
+    parse_json,
+    validate_orders_fhir,
+    validate_request,
+)
 from cds_service.prefetch import FhirAccess, gather_record
-from cds_service.tolerances import apply_tolerances
 from fhir_mappings.model import Decision
 from fhir_mappings.record import reference_key
+from fhir_mappings.resource_shapes import shape_problems
 
 if TYPE_CHECKING:
     from cds_service.app import ServiceState
@@ -41,19 +47,42 @@ class HookOutcome:
     decision_summaries: list[dict[str, Any]] = field(default_factory=list)
 
 
-def handle_order_sign(state: ServiceState, raw: bytes, caller: Caller | None) -> HookOutcome:
-    body = parse_json(raw)
-    body = apply_tolerances(body) if state.config.lenient else body  # --lenient: what real clients send, as R4
+@dataclass
+class CallTrace:
+    """What is known of a call so far, filled in as the pipeline goes, so that a refused call is audited
+    with what was learnt before it was refused — without parsing the body a second time."""
+
+    hook_instance: str | None = None
+    patient_id: str | None = None
+    user_id: str | None = None
+    fhir_server: str | None = None
+
+    def saw_body(self, body: Any) -> None:
+        value = body.get("hookInstance") if isinstance(body, dict) else None
+        self.hook_instance = value[:64] if isinstance(value, str) else None
+
+    def saw_request(self, req: HookRequest) -> None:
+        self.hook_instance = req.hook_instance[:64]
+        self.patient_id, self.user_id, self.fhir_server = req.patient_id, req.user_id, req.fhir_server
+
+
+def handle_order_sign(
+    state: ServiceState, raw: bytes, caller: Caller | None, trace: CallTrace | None = None
+) -> HookOutcome:
+    trace = trace if trace is not None else CallTrace()
+    body = normalise_body(parse_json(raw, state.json_limits), lenient=state.config.lenient)
+    trace.saw_body(body)
     version = requested_version(body)  # 422 for a CRD version this service does not serve
     try:
-        return _order_sign(state, body, caller, version)
+        return _order_sign(state, body, caller, version, trace)
     except ServiceError as exc:
         exc.status = error_status(version, exc)  # CRD 2.2: 400 unless only a CRD-specific rule is broken
         raise
 
 
-def _order_sign(state: ServiceState, body: Any, caller: Caller | None, version: str) -> HookOutcome:
+def _order_sign(state: ServiceState, body: Any, caller: Caller | None, version: str, trace: CallTrace) -> HookOutcome:
     req = validate_request(body, lenient=state.config.lenient)
+    trace.saw_request(req)
     groups = state.mappings.triage(req.draft_orders, _known_medications(req))
     if not groups:
         return HookOutcome("triaged-out", {"cards": [], "systemActions": []}, req.hook_instance)
@@ -108,11 +137,15 @@ def _summary(decision: Decision) -> dict[str, Any]:
 
 
 def _fhir_access(state: ServiceState, req: HookRequest, caller: Caller | None) -> FhirAccess | None:
-    """The EHR's FHIR server, if this caller may make us contact it (no SSRF: registered prefixes only)."""
+    """The EHR's FHIR server, if this caller may make us contact it (no SSRF: registered prefixes only).
+
+    Everything read afterwards — pages, `next` links, references — must lie under the request's own
+    `fhirServer`: the caller's token never goes to another server, not even one its issuer also uses.
+    """
     if not req.fhir_server:
         return None
     if caller is not None:
-        prefixes = caller.fhir_servers
+        prefixes: tuple[str, ...] = tuple(caller.fhir_servers)
     elif state.issuers is not None:
         prefixes = state.issuers.all_fhir_servers()
     else:
@@ -122,7 +155,8 @@ def _fhir_access(state: ServiceState, req: HookRequest, caller: Caller | None) -
         if "open-fhir" not in state.warned:
             state.warned.add("open-fhir")
             log.warning("--insecure-no-auth without trusted issuers: fetching from whatever fhirServer a call names")
-    if not fhir_server_allowed(req.fhir_server, prefixes):
+    entry = matching_fhir_prefix(req.fhir_server, prefixes)
+    if entry is None:
         log.warning("fhirServer refused: not registered for the caller's issuer")
         if not req.prefetch:
             raise ServiceError(
@@ -130,8 +164,11 @@ def _fhir_access(state: ServiceState, req: HookRequest, caller: Caller | None) -
                 [Issue("fhirServer is not registered for this client and no prefetch was sent", code="forbidden")],
             )
         return None
-    allowed = tuple(prefixes)
-    return FhirAccess(req.fhir_server, req.access_token, lambda url: fhir_server_allowed(url, allowed))
+    own_server = (req.fhir_server,)
+    pool_key = None if state.issuers is None else entry  # insecure open mode: one pool per origin
+    return FhirAccess(
+        req.fhir_server, req.access_token, lambda url: fhir_server_allowed(url, own_server), pool_key=pool_key
+    )
 
 
 def _known_medications(req: HookRequest) -> dict[str, dict[str, Any]] | None:
@@ -139,7 +176,8 @@ def _known_medications(req: HookRequest) -> dict[str, dict[str, Any]] | None:
     not contained — so triage can follow `medicationReference` without any FHIR access."""
     wanted = set()
     for order in req.draft_orders:
-        ref = (order.get("medicationReference") or {}).get("reference") if isinstance(order, dict) else None
+        reference = order.get("medicationReference") if isinstance(order, dict) else None
+        ref = reference.get("reference") if isinstance(reference, dict) else None
         key = reference_key(ref) if isinstance(ref, str) else None
         if key:
             wanted.add(key)
@@ -152,6 +190,6 @@ def _known_medications(req: HookRequest) -> dict[str, dict[str, Any]] | None:
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if isinstance(resource, dict) and resource.get("resourceType") == "Medication":
                 key = f"Medication/{resource.get('id')}"
-                if key in wanted:
+                if key in wanted and not shape_problems(resource):  # an unreadable one is not known
                     known[key] = resource
     return known

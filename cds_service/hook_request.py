@@ -10,7 +10,9 @@ hookInstance that is not a UUID).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -19,6 +21,7 @@ from typing import Any
 import jsonschema
 
 from cds_service.errors import CRD_RULE, Issue, ServiceError
+from fhir_mappings.resource_shapes import shape_problems
 
 HOOK = "order-sign"
 # Request resources an order-sign draftOrders Bundle may carry: order-sign 1.0 (Device/Medication/Nutrition/
@@ -132,13 +135,177 @@ class HookRequest:
         return str(self.context["userId"])
 
 
-def parse_json(raw: bytes) -> Any:
-    """400 for a body that is not JSON (CRD: 400 = not parsable)."""
+@dataclass(frozen=True)
+class JsonLimits:
+    """Explicit bounds on what one JSON document may cost to parse and walk.
+
+    Every body the service parses (hook calls, feedback, FHIR server answers, JWT segments) goes through
+    `load_json` with limits like these, so no input can exhaust the stack, the CPU or the store downstream.
+    """
+
+    max_bytes: int = 8 * 1024 * 1024
+    max_depth: int = 64  # nesting of objects/arrays; a Bundle in prefetch with contained resources needs ~15
+    max_string_length: int = 1_000_000  # characters of any one string (keys included)
+    max_number_length: int = 40  # characters of any one number's text ("1e999999" is refused, not inf)
+    max_values: int = 2_000_000  # strings, numbers, literals, objects and arrays in the whole document
+
+
+class JsonInputError(ValueError):
+    """A document refused at the boundary: `status` 400 (not JSON we accept) or 413 (over a limit); PHI-free."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise JsonInputError(400, f"{name} is not a JSON number")
+
+
+def load_json(raw: bytes | str, limits: JsonLimits) -> Any:
+    """Parse one JSON document within `limits`, or raise JsonInputError; never anything else.
+
+    Deliberate choices: an object with a duplicate key is refused (400: parsers disagree on which value
+    wins, which is how signatures and validators get bypassed); NaN/Infinity and numbers that overflow to
+    infinity are refused (400: not JSON, and not representable in the answer or the store); a string with a
+    lone surrogate is refused (400: not Unicode text); NUL is valid JSON and kept (the audit store
+    sanitises it). Size, depth, string and number length and value count over the limit answer 413.
+    """
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if len(raw) > limits.max_bytes:
+        raise JsonInputError(413, f"larger than {limits.max_bytes} bytes")
+    if json.detect_encoding(raw) not in ("utf-8", "utf-8-sig"):
+        raise JsonInputError(400, "not UTF-8 (RFC 8259: JSON exchanged between systems is UTF-8)")
+
+    def number(text: str, convert: Any) -> Any:
+        if len(text) > limits.max_number_length:
+            raise JsonInputError(413, f"a number longer than {limits.max_number_length} characters")
+        value = convert(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise JsonInputError(400, "a number out of range")
+        return value
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            raise JsonInputError(400, "an object with a duplicate key")
+        return result
+
     try:
-        return json.loads(raw)
+        document = json.loads(
+            raw,
+            object_pairs_hook=unique_keys,
+            parse_int=lambda text: number(text, int),
+            parse_float=lambda text: number(text, float),
+            parse_constant=_refuse_constant,
+        )
+    except JsonInputError:
+        raise
+    except RecursionError:
+        raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        reason = exc.__class__.__name__
-        raise ServiceError(400, f"request body is not valid JSON ({reason})", code="structure") from None
+        raise JsonInputError(400, f"not valid JSON ({exc.__class__.__name__})") from None
+    except ValueError:  # e.g. an encoding json cannot detect
+        raise JsonInputError(400, "not valid JSON") from None
+    _check_structure(raw, document, limits)
+    return document
+
+
+_STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: 3x faster than an alternation
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+
+
+def _check_structure(raw: bytes, document: Any, limits: JsonLimits) -> None:
+    """Depth, value count, string length and lone surrogates of a document json.loads accepted.
+
+    Fast path on the bytes (regular expressions and C-level counting, no walk of the parsed value): with the
+    strings cut out, what is left is the structure, whose bracket nesting is the depth and whose commas bound
+    the number of values. Only when a string might be over the limit or a surrogate escape appears is the
+    parsed document walked exactly.
+    """
+    skeleton = _STRING_TOKEN.sub(b'""', raw)
+    brackets = skeleton.translate(None, _BRACKETS_ONLY)
+    if brackets and max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > limits.max_depth:
+        raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
+    if skeleton.count(b",") + len(brackets) // 2 + 1 > limits.max_values:  # an upper bound of the value count
+        raise JsonInputError(413, f"more than {limits.max_values} values")
+    long_string = len(raw) > limits.max_string_length and any(
+        m.end() - m.start() - 2 > limits.max_string_length for m in _STRING_TOKEN.finditer(raw)
+    )
+    if long_string or _SURROGATE_ESCAPE.search(raw):
+        _check_walk(document, limits)
+
+
+def _check_walk(document: Any, limits: JsonLimits) -> None:
+    """Depth, string length, lone surrogates and value count, in one iterative pass (no recursion)."""
+    max_depth, max_string = limits.max_depth, limits.max_string_length
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    values = 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if isinstance(value, str):
+            _check_string(value, max_string)
+        elif isinstance(value, dict):
+            if depth > max_depth:
+                raise JsonInputError(413, f"nested deeper than {max_depth} levels")
+            for key, item in value.items():
+                _check_string(key, max_string)
+                if isinstance(item, dict | list):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, str):
+                    values += 1
+                    _check_string(item, max_string)
+                else:
+                    values += 1
+        elif isinstance(value, list):
+            if depth > max_depth:
+                raise JsonInputError(413, f"nested deeper than {max_depth} levels")
+            for item in value:
+                if isinstance(item, dict | list):
+                    stack.append((item, depth + 1))
+                elif isinstance(item, str):
+                    values += 1
+                    _check_string(item, max_string)
+                else:
+                    values += 1
+        if values > limits.max_values:
+            raise JsonInputError(413, f"more than {limits.max_values} values")
+
+
+def _check_string(text: str, max_length: int) -> None:
+    if len(text) > max_length:
+        raise JsonInputError(413, f"a string longer than {max_length} characters")
+    if not text.isascii() and _SURROGATE.search(text):
+        raise JsonInputError(400, "a string with a lone surrogate (not Unicode text)")
+
+
+def parse_json(raw: bytes, limits: JsonLimits | None = None) -> Any:
+    """The request body as JSON: 400 when it is not JSON we accept (CRD: 400 = not parsable), 413 over a limit."""
+    try:
+        return load_json(raw, limits or JsonLimits())
+    except JsonInputError as exc:
+        code = "too-costly" if exc.status == 413 else "structure"
+        raise ServiceError(exc.status, f"request body {exc.reason}", code=code) from None
+
+
+def normalise_body(body: Any, *, lenient: bool) -> Any:
+    """The one place a parsed request body is adjusted before validation: in `--lenient` mode the tolerances
+    of real clients (cds_service/tolerances.py), applied once; strict mode takes the body as sent."""
+    if not lenient:
+        return body
+    from cds_service.tolerances import apply_tolerances  # only lenient deployments pay for it
+
+    return apply_tolerances(body)
 
 
 def _path(error: jsonschema.ValidationError) -> str:
@@ -181,6 +348,8 @@ def validate_request(body: Any, *, lenient: bool) -> HookRequest:
     entries = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
     orders = [e["resource"] for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict)]
     if not issues:
+        issues.extend(_shape_issues(orders))
+    if not issues:
         issues.extend(_semantic_issues(body, context, orders, lenient))
     if issues:
         raise ServiceError(422, issues[:20])
@@ -198,6 +367,18 @@ def validate_request(body: Any, *, lenient: bool) -> HookRequest:
     )
 
 
+def _shape_issues(orders: list[dict[str, Any]]) -> list[Issue]:
+    """Every draft order must have the JSON shape R4 defines before triage reads it (a `code` that is a
+    string, a `coding` that is an object, a single value where R4 has an array): 422, naming the element."""
+    issues: list[Issue] = []
+    for index, order in enumerate(orders):
+        where = f"context.draftOrders.entry[{index}].resource"
+        issues.extend(
+            Issue(f"{where}: {problem}", code="structure", expression=where) for problem in shape_problems(order)
+        )
+    return issues
+
+
 def _semantic_issues(
     body: dict[str, Any], context: dict[str, Any], orders: list[dict[str, Any]], lenient: bool
 ) -> list[Issue]:
@@ -213,6 +394,7 @@ def _semantic_issues(
         seen.add(key)
         subject = order.get("subject") or order.get("patient")
         ref = subject.get("reference") if isinstance(subject, dict) else None
+        ref = ref if isinstance(ref, str) else None
         if ref is not None and not (ref == patient_ref or ref.endswith("/" + patient_ref)):
             issues.append(Issue(f"{where}.subject: does not reference context.patientId", expression=where))
         if not lenient and order["resourceType"] in ("MedicationRequest", "ServiceRequest"):

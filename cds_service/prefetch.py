@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urljoin
@@ -29,6 +29,7 @@ from cds_service.errors import Issue, ServiceError
 from cds_service.fhir_client import FetchResult, FhirClient, bundle_entries, next_link
 from fhir_mappings.queries import PrefetchQuery, QuerySet, ResolveRule
 from fhir_mappings.record import Availability, PatientRecord, QueryOutcome, reference_key
+from fhir_mappings.resource_shapes import shape_problems
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ class FhirAccess:
 
     base_url: str
     token: str | None = field(repr=False)  # the caller's bearer token: transient, never logged or printed
-    url_allowed: Callable[[str], bool] = field(repr=False)  # bound to the caller's allowed `fhir_servers` prefixes
+    # Bound to the request's own `fhirServer`: `next` links, pages and reference reads never leave it, so the
+    # token never reaches another server (not even another one the same issuer may use).
+    url_allowed: Callable[[str], bool] = field(repr=False)
+    pool_key: str | None = None  # the configured allow-list entry the server matched: its pool and its cap
 
 
 _PATIENT_ELEMENTS = ("subject", "patient", "beneficiary", "for")
@@ -108,19 +112,30 @@ def _other_patient(resource: Mapping[str, Any], patient_id: str) -> bool:
 
 @dataclass
 class _Collected:
-    """Resources of the record so far, deduplicated by `Type/id` (an `_include`d payor may come twice), and
-    only the context patient's."""
+    """Resources of the record so far, deduplicated by `Type/id` (an `_include`d payor may come twice), only
+    the context patient's, and only those whose JSON shape the facts can read (the others are *unreadable*:
+    left out, counted against the query that returned them, and cited)."""
 
     resources: list[dict] = field(default_factory=list)
     keys: set[str] = field(default_factory=set)
     full_urls: dict[str, dict] = field(default_factory=dict)
     patient_id: str = ""
     foreign: int = 0  # resources of other patients dropped (a server ignored a search parameter)
+    unreadable: dict[str, str] = field(default_factory=dict)  # "Type/id" (or "Type #n") -> PHI-free reason
+    unreadable_by_query: dict[str, int] = field(default_factory=dict)
 
-    def add(self, resources: Iterable[dict], full_urls: Mapping[str, dict] | None = None) -> list[dict]:
-        """Add what is new; return the resources that were new."""
+    def add(
+        self, resources: Iterable[dict], full_urls: Mapping[str, dict] | None = None, query: str | None = None
+    ) -> list[dict]:
+        """Add what is new and readable; return the resources that were added."""
         added: list[dict] = []
+        dropped: list[int] = []
         for resource in resources:
+            problems = shape_problems(resource)
+            if problems:
+                self._unreadable(resource, problems, query)
+                dropped.append(id(resource))
+                continue
             if self.patient_id and _other_patient(resource, self.patient_id):
                 self.foreign += 1
                 continue
@@ -132,8 +147,23 @@ class _Collected:
             self.resources.append(resource)
             added.append(resource)
         if full_urls:
+            if dropped:
+                gone = set(dropped)
+                full_urls = {url: r for url, r in full_urls.items() if id(r) not in gone}
             self.full_urls.update(full_urls)
         return added
+
+    def _unreadable(self, resource: Any, problems: list[str], query: str | None) -> None:
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        rid = resource.get("id") if isinstance(resource, dict) else None
+        rtype = rtype if isinstance(rtype, str) and _RESOURCE_TYPE.fullmatch(rtype) else "resource"
+        if isinstance(rid, str) and _FHIR_ID.fullmatch(rid) and rtype != "resource":
+            name = f"{rtype}/{rid}"
+        else:
+            name = f"{rtype} #{len(self.unreadable) + 1}"
+        self.unreadable[name] = "; ".join(problems)[:300]
+        if query is not None:
+            self.unreadable_by_query[query] = self.unreadable_by_query.get(query, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +174,7 @@ class _Prefetched:
     full_urls: dict[str, dict]
     next_url: str | None
     problem: str  # "" when usable; else why it counts as failed (PHI-free)
+    malformed: int = 0  # entries that were not {"resource": {...}}: the query is not completely read
 
 
 def _key_of(resource: Mapping[str, Any]) -> str | None:
@@ -161,10 +192,10 @@ def _check_prefetch(query: PrefetchQuery, value: Any, rendered: str | None) -> _
     if resource_type == "Bundle":
         if value.get("type", "searchset") != "searchset":
             return _Prefetched([], {}, None, "malformed prefetch")
-        resources, full_urls, problem = bundle_entries(value)
+        resources, full_urls, problem, malformed = bundle_entries(value)
         if problem:
             return _Prefetched([], {}, None, f"{problem} in prefetch")
-        return _Prefetched(resources, full_urls, next_link(value), "")
+        return _Prefetched(resources, full_urls, next_link(value), "", malformed)
     if query.is_read and resource_type == query.resource_type:
         expected_id = unquote(rendered.partition("/")[2]) if rendered else None
         if expected_id and value.get("id") != expected_id:
@@ -214,7 +245,9 @@ def gather_record(
             continue
         checked = _check_prefetch(query, value, rendered) if present else None
         if checked is not None and not checked.problem:
-            collected.add(checked.resources, checked.full_urls)
+            collected.add(checked.resources, checked.full_urls, key)
+            if checked.malformed:
+                collected.unreadable_by_query[key] = collected.unreadable_by_query.get(key, 0) + checked.malformed
             if checked.next_url is None:
                 outcomes[key] = _outcome(query, Availability.READ, "prefetch", pages=1)
             elif fhir is None:
@@ -249,10 +282,19 @@ def gather_record(
             max_pages=limits.max_pages_per_query,
             url_allowed=fhir.url_allowed,
             page_limits=page_limits,
+            pool_key=fhir.pool_key,
         )
         for key, result in results.items():
-            collected.add(result.resources, result.full_urls)
+            collected.add(result.resources, result.full_urls, key)
             outcomes[key] = _fetched_outcome(queries.queries[key], pending[key], result)
+
+    for key, count in collected.unreadable_by_query.items():
+        outcomes[key] = _with_unreadable(outcomes[key], count)
+        supplies = queries.queries[key].supplies
+        if queries.queries[key].required and not any(r.get("resourceType") in supplies for r in collected.resources):
+            # Required data that came only in unreadable form is not there at all: 412, not a guess from nothing
+            # (an unreadable Coverage must not read as "no active coverage").
+            outcomes[key] = replace(outcomes[key], availability=Availability.UNAVAILABLE)
 
     outcomes = {key: outcomes[key] for key in queries.queries}  # discovery order, for stable output
     unavailable = Availability.UNAVAILABLE
@@ -288,7 +330,16 @@ def gather_record(
         unresolved_references=unresolved,
         references_resolvable=fhir is not None,
         full_urls=collected.full_urls,
+        unreadable=collected.unreadable,
     )
+
+
+def _with_unreadable(outcome: QueryOutcome, count: int) -> QueryOutcome:
+    """A query some of whose data could not be read is at most partly read, and says why."""
+    note = f"{count} unreadable resource{'s' if count != 1 else ''}"
+    availability = Availability.PARTIAL if outcome.availability is Availability.READ else outcome.availability
+    reason = f"{outcome.reason}; {note}" if outcome.reason else note
+    return replace(outcome, availability=availability, reason=reason)
 
 
 def _outcome(
@@ -401,6 +452,7 @@ def _resolve_references(
             deadline=deadline,
             max_pages=queries.limits.max_pages_per_query,
             url_allowed=fhir.url_allowed,
+            pool_key=fhir.pool_key,
         )
         added_this_round: list[dict] = []
         for name, result in results.items():
@@ -415,7 +467,9 @@ def _resolve_references(
                 continue
             for rid in batch:
                 key = f"{rtype}/{rid}"
-                if key not in known:
+                if key in collected.unreadable:
+                    unresolved[key] = "unreadable"
+                elif key not in known:
                     unresolved[key] = failure or "not found"
         fetched += len(added_this_round)
         sources = [(r, False) for r in added_this_round]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,12 +28,13 @@ from fhir_mappings.orders import OrderClassifier, OrderGroup, OrderKind
 from fhir_mappings.policy import Policy, PolicyError, load_policies
 from fhir_mappings.queries import QueryConfigError, QuerySet, load_queries
 from fhir_mappings.reading.text import shared_reader
-from fhir_mappings.record import PatientRecord
+from fhir_mappings.record import Availability, PatientRecord
 from fhir_mappings.routing import Route, RouteKind, Router, RoutingError
 from fhir_mappings.valuesets import ValueSetError, ValueSetRegistry
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAPPINGS_DIR = Path(__file__).resolve().parent  # valuesets/, policies/, facts.yaml, queries.yaml, routing.yaml
+_log = logging.getLogger(__name__)
 _SITE_KEYS = {"valuesets", "credentialed_clinics", "payers", "no_policy_card"}
 
 
@@ -169,13 +172,23 @@ class Mappings:
         return self.classifier.classify(draft_orders, known)
 
     def decide(self, record: PatientRecord, groups: list[OrderGroup]) -> list[Decision]:
-        """One decision per order group and applicable policy (or one 'no policy' decision for all)."""
-        route = self.router.resolve(record)
+        """One decision per order group and applicable policy (or one 'no policy' decision for all).
+
+        A failure while evaluating one group (or while routing) never takes the response down: that group
+        gets a documentation-needed "could not be evaluated" decision with a PHI-free reason, and is logged.
+        A record that was not fully read says so in every decision's notes.
+        """
+        try:
+            route = self.router.resolve(record)
+        except Exception as exc:  # one bad record must not become a 500
+            _log_failure("routing", exc)
+            failed = [self._not_evaluated(g, None, "the applicable payer policy") for g in groups]
+            return _with_record_note(failed, record)
         if route.kind is RouteKind.NO_POLICY:
             if not self.router.no_policy_card:
                 return []
             refs = tuple(r for g in groups for r in g.refs)
-            return [
+            no_policy = [
                 Decision(
                     outcome=Outcome.NO_POLICY,
                     order_refs=refs,
@@ -189,13 +202,32 @@ class Mappings:
                     notes=tuple(_evidence_notes(route.evidence)),
                 )
             ]
+            return _with_record_note(no_policy, record)
         decisions: list[Decision] = []
         for group in groups:
-            decision = self._decide_group(record, group, route)
+            try:
+                decision = self._decide_group(record, group, route)
+            except Exception as exc:  # one policy's failure must not take the response down
+                _log_failure(route.policy_id or "policy", exc)
+                policy = self.policies.get(route.policy_id) if route.policy_id else None
+                decision = self._not_evaluated(group, policy, policy.ref.number if policy else "the payer policy")
             if decision is not None:
                 decisions.append(decision)
         payer = route.payer.name if route.payer else None
-        return [replace(d, payer=payer) for d in decisions] if payer else decisions
+        decisions = [replace(d, payer=payer) for d in decisions] if payer else decisions
+        return _with_record_note(decisions, record)
+
+    def _not_evaluated(self, group: OrderGroup, policy: Policy | None, what: str) -> Decision:
+        """Documentation needed: the service could not evaluate this order (never a guess either way)."""
+        return Decision(
+            outcome=Outcome.DOCUMENTATION_NEEDED,
+            order_refs=group.refs,
+            order_label=group.label,
+            policy=policy.ref if policy else None,
+            headline=f"The record could not be evaluated against {what}; review the criteria manually.",
+            notes=("An internal error stopped the evaluation of this order; it has been logged.",),
+            mapping_version=self.version,
+        )
 
     def _decide_group(self, record: PatientRecord, group: OrderGroup, route: Route) -> Decision | None:
         if group.kind is OrderKind.ESKETAMINE:
@@ -249,6 +281,35 @@ class Mappings:
 
 # Types that arrive by reference resolution rather than by a prefetch query of their own.
 _REFERENCED_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location", "Medication"})
+
+
+def _log_failure(where: str, exc: Exception) -> None:
+    """Frames and exception type only: messages may quote record data."""
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    _log.error("decision for %s could not be evaluated: %s\n%s", where, type(exc).__name__, frames)
+
+
+def _record_note(record: PatientRecord) -> str | None:
+    """One PHI-free note when the record was not fully read: which queries, how far, and why."""
+    parts = [
+        f"{q.key} {q.availability.value}" + (f" ({q.reason})" if q.reason else "")
+        for q in record.queries.values()
+        if q.availability is not Availability.READ
+    ]
+    if not parts:
+        return None
+    note = "Record not fully read: " + "; ".join(parts) + ". Criteria resting on this data are unknown, not absent."
+    unreadable = list(record.unreadable.items())
+    if unreadable:
+        cited = "; ".join(f"{key} ({reason.split('; ')[0]})" for key, reason in unreadable[:3])
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        note += f" Unreadable (not R4 JSON): {cited}{more}."
+    return note
+
+
+def _with_record_note(decisions: list[Decision], record: PatientRecord) -> list[Decision]:
+    note = _record_note(record)
+    return [replace(d, notes=(*d.notes, note)) for d in decisions] if note else decisions
 
 
 def _evidence_notes(evidence: tuple[Evidence, ...]) -> list[str]:

@@ -110,6 +110,9 @@ class PatientRecord:
     references_resolvable: bool = False
     # Bundle entry fullUrl -> resource, so `urn:uuid:` and absolute references resolve too.
     full_urls: Mapping[str, Resource] = field(default_factory=dict)
+    # Resources left out because their JSON shape is not what R4 defines ("Type/id" -> PHI-free reason,
+    # e.g. "Observation.code: expected an object"); the queries that returned them count as partly read.
+    unreadable: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._by_type: dict[str, list[Resource]] = {}

@@ -546,3 +546,51 @@ def test_claim_jti_purges_expired_ids(make_store: StoreFactory) -> None:
     store._claims_since_purge = 499  # the next claim triggers the purge
     store.claim_jti("https://ehr.test", "new", time.time() + 300)
     assert store.claim_jti("https://ehr.test", "old", time.time() + 300) is True  # forgotten, so claimable
+
+
+# NUL and lone surrogates: PostgreSQL text and JSONB refuse NUL, JSONB refuses lone surrogate escapes, and
+# neither driver can encode a lone surrogate as UTF-8. The row is stored with U+FFFD instead, never dropped.
+
+NASTY = "a\x00b\ud800c\udfff"
+CLEAN = "a\ufffdb\ufffdc\ufffd"
+
+
+def test_call_records_with_nul_and_lone_surrogates_are_stored_sanitised(make_store: StoreFactory) -> None:
+    store = make_store(asynchronous=False)
+    store.record_call(
+        make_record(
+            hook_instance=NASTY,
+            error=NASTY,
+            patient_id=NASTY,
+            cards=[{"summary": NASTY, NASTY: [NASTY, {"k": NASTY}]}],
+            decisions=[{"policy": NASTY}],
+        )
+    )
+
+    assert store.failed_count == 0 and store.written_count == 1
+    [row] = store.recent_calls()
+    assert row["hook_instance"] == row["error"] == row["patient_id"] == CLEAN
+    assert row["cards"] == [{"summary": CLEAN, CLEAN: [CLEAN, {"k": CLEAN}]}]
+    assert row["decisions"] == [{"policy": CLEAN}]
+
+
+def test_feedback_with_nul_and_lone_surrogates_is_stored_once_sanitised(make_store: StoreFactory) -> None:
+    store = make_store()
+    item = make_feedback(
+        outcome="overridden",
+        accepted_suggestions=(),
+        override_reason={"code": NASTY, "system": None},
+        user_comment=NASTY,
+    )
+
+    assert store.record_feedback("ketamine-prior-auth", [item], issuer=NASTY) == 1
+    assert store.record_feedback("ketamine-prior-auth", [item], issuer=NASTY) == 0
+    [row] = store.feedback_for(item.card_uuid)
+    assert row["user_comment"] == row["issuer"] == CLEAN
+    assert row["override_reason"] == {"code": CLEAN, "system": None}
+
+
+def test_sanitise_for_store_leaves_clean_values_alone() -> None:
+    value = {"a": ["x", 1, 2.5, None, True, {"é": "😀"}]}
+    assert audit.sanitise_for_store(value) == value
+    assert audit.sanitise_for_store({"n": float("nan")}) == {"n": None}

@@ -1158,3 +1158,70 @@ def test_shared_replay_cache_consults_the_shared_store_and_fails_closed() -> Non
         raise ConnectionError("database down")
 
     assert SharedReplayCache(broken).seen_or_add("iss", "j2", exp) is True  # cannot check: refuse
+
+
+# -- header and payload fields are type-checked before use ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alg", [["ES384"], {"ES384": True}, 384, None, True, "es384", "ES384\x00", "x" * 300], ids=lambda a: repr(a)[:12]
+)
+def test_alg_of_any_other_type_is_refused_not_a_crash(alg: Any, es_key: SandboxKey, clock: FakeClock) -> None:
+    """An `alg` sent as a list must be refused (it used to be hashed and raise TypeError: a 500)."""
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    forged = hand_built_token({"alg": alg, "kid": es_key.kid, "typ": "JWT"}, standard_claims(clock), lambda _d: b"s")
+
+    with pytest.raises(AuthError, match="alg"):
+        verifier.verify(f"Bearer {forged}", AUD)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "ES384", "kid": ["k"], "typ": "JWT"},
+        {"alg": "ES384", "kid": "k", "typ": {"JWT": 1}},
+        {"alg": "ES384", "kid": "k", "typ": "JWT", "jku": ["https://x"]},
+    ],
+)
+def test_other_header_fields_of_the_wrong_type_are_refused(
+    header: dict[str, Any], es_key: SandboxKey, clock: FakeClock
+) -> None:
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    forged = hand_built_token(header, standard_claims(clock), lambda _d: b"s")
+    with pytest.raises(AuthError):
+        verifier.verify(f"Bearer {forged}", AUD)
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        b"[" * 3000 + b"]" * 3000,  # deeper than the JSON decoder's recursion limit
+        b'{"alg": "ES384", "alg": "RS384", "kid": "k", "typ": "JWT"}',  # which alg would win?
+        b'{"alg": "ES384", "kid": "k", "typ": "JWT", "x": 1e999}',
+        b'"just a string"',
+        b"\xff\xfe not utf-8",
+    ],
+    ids=["deep", "duplicate-alg", "infinite", "not-an-object", "not-utf8"],
+)
+def test_malformed_header_segments_are_an_auth_error(segment: bytes, es_key: SandboxKey, clock: FakeClock) -> None:
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    payload = b64url(json.dumps(standard_claims(clock)).encode())
+    forged = f"{b64url(segment)}.{payload}.{b64url(b'sig')}"
+    with pytest.raises(AuthError, match="malformed token header"):
+        verifier.verify(f"Bearer {forged}", AUD)
+
+
+def test_duplicate_claims_are_a_malformed_payload(es_key: SandboxKey, clock: FakeClock) -> None:
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    header = b64url(json.dumps({"alg": "ES384", "kid": es_key.kid, "typ": "JWT"}).encode())
+    payload = json.dumps(standard_claims(clock))[:-1] + f', "iss": "{ISS}-other"}}'
+    forged = f"{header}.{b64url(payload.encode())}.{b64url(b'sig')}"
+    with pytest.raises(AuthError, match="malformed token payload"):
+        verifier.verify(f"Bearer {forged}", AUD)
+
+
+def test_jti_with_a_control_character_is_refused(es_key: SandboxKey, clock: FakeClock) -> None:
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    signed = token(es_key, clock, jti="abc\x00def")
+    with pytest.raises(AuthError, match="jti"):
+        verifier.verify(f"Bearer {signed}", AUD)

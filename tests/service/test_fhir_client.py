@@ -251,7 +251,8 @@ def test_first_url_outside_allowed_server_is_never_requested(
 
 
 def test_next_link_loop_stops(client: FhirClient, mocked: responses.RequestsMock) -> None:
-    mocked.get(f"{BASE}/Condition", json=bundle(condition(1), next_url=f"{BASE}/Condition?patient={PATIENT}"))
+    loop = f"{BASE}/Condition?patient={PATIENT}&_count=1000"  # the first URL (searches ask for large pages)
+    mocked.get(f"{BASE}/Condition", json=bundle(condition(1), next_url=loop))
 
     result = fetch(client, f"Condition?patient={PATIENT}")
 

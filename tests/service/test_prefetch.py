@@ -153,7 +153,7 @@ def test_absent_key_is_fetched_with_the_bearer_token(
 
     assert len(mocked.calls) == 1
     request = mocked.calls[0].request
-    assert parse_qs(urlsplit(request.url).query) == {"patient": [PATIENT]}
+    assert parse_qs(urlsplit(request.url).query) == {"patient": [PATIENT], "_count": ["1000"]}  # large pages
     assert request.headers["Authorization"] == f"Bearer {TOKEN}"
     outcome_ = record.queries["conditions"]
     assert (outcome_.availability, outcome_.source, outcome_.pages) == (Availability.READ, "fhir-server", 1)
@@ -496,7 +496,7 @@ def test_user_roles_are_queried_for_a_practitioner_user(
     record = gather(queries, client, full_prefetch(queries, user_roles=ABSENT), context=context)
 
     first = parse_qs(urlsplit(mocked.calls[0].request.url).query)
-    assert first == {"practitioner": ["u1"]}
+    assert first == {"practitioner": ["u1"], "_count": ["1000"]}
     assert record.queries["user_roles"].source == "fhir-server"
     assert record.get("PractitionerRole/role-u1") is not None and record.get("Practitioner/u1") is not None
     assert record.encounter_id == "enc-1"
@@ -570,8 +570,8 @@ def test_references_resolve_requester_role_practitioner_roles_and_their_organiza
         "Practitioner?_id=doc-2&_count=1",
         "Practitioner?_id=u1,doc-1&_count=2",
         "PractitionerRole?_id=req-role&_count=1",
-        "PractitionerRole?practitioner=doc-2",
-        "PractitionerRole?practitioner=u1,doc-1",
+        "PractitionerRole?practitioner=doc-2&_count=1000",
+        "PractitionerRole?practitioner=u1,doc-1&_count=1000",
     ]
     assert record.get("Practitioner/doc-2") is not None
     assert record.get("PractitionerRole/req-role") == req_role
