@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from fhir_mappings.mappings import Mappings
 from fhir_mappings.model import Outcome
 from fhir_mappings.policies.test_policy_cases import CASES, build_case, build_record, engine_for
-from fhir_mappings.record import Availability, PatientRecord
+from fhir_mappings.record import Availability, PatientRecord, QueryOutcome
 from tests.fidelity.corpus import engine_for as corpus_engine
 from tests.fidelity.corpus import load_record, patient_record, record_paths
 
@@ -158,9 +158,20 @@ def unreadable_type(resources: list[Resource], orders: list[Resource], unavailab
     return f"{rtype} unreadable"
 
 
+def one_unreadable(resources: list[Resource], orders: list[Resource], unavailable: set[str], choice: int) -> str:
+    """One resource left out as the service leaves out a resource of the wrong shape: its query is partly read."""
+    candidates = [i for i, r in enumerate(resources) if r.get("resourceType") not in ("Patient", "Coverage")]
+    index = _pick(candidates, choice)
+    if index is None:
+        return "no resource"
+    gone = resources.pop(index)
+    unavailable.add(f"partial:{gone.get('resourceType')}")
+    return f"{gone.get('resourceType')}/{gone.get('id')} unreadable"
+
+
 DEGRADATIONS = [
     cut_date, drop_value, make_provisional, make_preliminary, drop_unit, drop_days_supply, drop_dose,
-    drop_performer, unreadable_type,
+    drop_performer, unreadable_type, one_unreadable,
 ]  # fmt: skip
 
 
@@ -169,12 +180,18 @@ def degrade(record: PatientRecord, steps: list[tuple[int, int]]) -> tuple[Patien
     orders = copy.deepcopy(record.draft_orders)
     unavailable: set[str] = set()
     said = [DEGRADATIONS[op](resources, orders, unavailable, choice) for op, choice in steps]
-    queries = {
-        key: replace(q, availability=Availability.UNAVAILABLE) if set(q.resource_types) & unavailable else q
-        for key, q in record.queries.items()
-    }
+    partial = {t.removeprefix("partial:") for t in unavailable if t.startswith("partial:")}
+    queries = {key: _degraded_query(q, unavailable, partial) for key, q in record.queries.items()}
     kept = [r for r in resources if r.get("resourceType") not in unavailable]
     return replace(record, resources=kept, draft_orders=orders, queries=queries, full_urls={}), said
+
+
+def _degraded_query(query: QueryOutcome, unavailable: set[str], partial: set[str]) -> QueryOutcome:
+    if set(query.resource_types) & unavailable:
+        return replace(query, availability=Availability.UNAVAILABLE)
+    if set(query.resource_types) & partial and query.availability is Availability.READ:
+        return replace(query, availability=Availability.PARTIAL)
+    return query
 
 
 @pytest.mark.parametrize("chunk", range(4))
@@ -216,3 +233,21 @@ def test_the_degradations_can_fail() -> None:
 def test_seeds_load() -> None:
     assert len(SEEDS) > 250
     assert json.dumps([s[0] for s in SEEDS])
+
+
+@pytest.mark.parametrize("chunk", range(4))
+def test_no_single_unreadable_resource_makes_a_record_likely_authorized(chunk: int) -> None:
+    """Exhaustive over the seeds that are not likely-authorized: leaving out any one resource as unreadable (its
+    query partly read, as the service does with a resource of the wrong shape) never makes one likely-authorized —
+    e.g. an unreadable positive pregnancy test leaves the exclusion unknown, not absent."""
+    step = DEGRADATIONS.index(one_unreadable)
+    tried = 0
+    for name, engine, record in SEEDS[chunk::4]:
+        if Outcome.LIKELY_AUTHORIZED in outcome(engine, record):
+            continue
+        readable = [r for r in record.resources if r.get("resourceType") not in ("Patient", "Coverage")]
+        for choice in range(len(readable)):
+            degraded, said = degrade(record, [(step, choice)])
+            tried += 1
+            assert Outcome.LIKELY_AUTHORIZED not in outcome(engine, degraded), f"{name}: {said} made it likely"
+    assert tried > 1000
