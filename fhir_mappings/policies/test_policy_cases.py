@@ -9,7 +9,8 @@ set [{ref, path, value}] (dotted path; null deletes), remove [Type/id or Type/id
 first draft order), add_orders [resources] (appended to the draft orders after order_set, e.g. an oral
 antidepressant signed together with the ketamine), unavailable [resource types not read], expect {outcome,
 phase, service (policies with `phase_name: service`, e.g. MP-054 "integration-therapy"), criteria {id: status},
-case_by_case [criterion ids the decision must flag for individual case review], notes_contain [text],
+case_by_case [criterion ids the decision must flag for individual case review], lifted [exclusion ids that hold
+but are lifted by a clearance on record], notes_contain [text],
 notes_exclude [text no note may contain]}. Outcome "none" expects the policy to stay silent (a silent scope
 rule: no decision at all). A scope rule that decides (e.g. not-covered) is reported as a criterion with the
 rule's id and status not-met, so `criteria` can name it.
@@ -143,6 +144,10 @@ def test_policy_case(path: Path) -> None:
         result = next((c for c in decision.criteria if c.id == cid), None)
         if result is None or not result.case_by_case:
             problems.append(f"{cid}: not flagged for case-by-case review")
+    for cid in expect.get("lifted", []):
+        result = next((c for c in decision.criteria if c.id == cid), None)
+        if result is None or not result.cleared_by:
+            problems.append(f"{cid}: not lifted by a clearance")
     for text in expect.get("notes_contain", []):
         if not any(text in note for note in decision.notes):
             problems.append(f"no note containing {text!r} in {decision.notes}")
@@ -156,3 +161,12 @@ def test_every_policy_has_cases() -> None:
     engine = load_engine()
     for policy_id in engine.policies:
         assert (HERE / f"{policy_id}.cases" / "base.json").is_file(), f"{policy_id} has no fixture cases"
+
+
+def test_every_rule_branch_is_reached_by_a_case() -> None:
+    """Criterion coverage stays complete: a new criterion or branch (met, not-met, unknown, lifted, case-by-case)
+    comes with a fixture case that reaches it (`ketamine-cds mappings test` lists what is uncovered)."""
+    from fhir_mappings.tools.cases import run_cases
+
+    _results, coverage = run_cases(HERE.parent)
+    assert coverage.uncovered() == [], coverage.uncovered()

@@ -183,6 +183,10 @@ def check_case(case: dict[str, Any], decision: Decision | None) -> list[Mismatch
         result = results.get(cid)
         if result is None or not result.case_by_case:
             out.append(Mismatch(cid, "case-by-case", "not flagged"))
+    for cid in expect.get("lifted", []):
+        result = results.get(cid)
+        if result is None or not result.cleared_by:
+            out.append(Mismatch(cid, "lifted", "not lifted"))
     for text in expect.get("notes_contain", []):
         if not any(text in note for note in decision.notes):
             out.append(Mismatch("notes", f"a note containing {text!r}", "; ".join(decision.notes) or "no notes"))
