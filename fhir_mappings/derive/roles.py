@@ -179,7 +179,7 @@ def people_fact(name: str, items: list[Item], known: bool) -> Fact:
     )
 
 
-@derivation("order_requester_roles", params={"roles": "map"}, reads=())
+@derivation("order_requester_roles", params={"roles": "map"}, reads=("PractitionerRole",))
 def order_requester_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
     """Specialties of the ordering clinician (the draft order's requester, else the signing user: in order-sign
     the user who signs is the one ordering)."""
@@ -190,7 +190,7 @@ def order_requester_roles(ctx: FactContext, params: Mapping[str, Any], fact: Der
     return people_fact(fact.name, items, known and bool(refs))
 
 
-@derivation("order_performer_roles", params={"roles": "map"}, reads=())
+@derivation("order_performer_roles", params={"roles": "map"}, reads=("PractitionerRole",))
 def order_performer_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) -> Fact:
     """Specialties of who will perform/monitor the ordered service (ServiceRequest/MedicationRequest.performer)."""
     refs = order_people(ctx, "performer")

@@ -85,7 +85,18 @@ def _read(path: Path) -> Any:
 def build_case(path: Path, engine: Mappings) -> tuple[dict[str, Any], PatientRecord, str]:
     """(case, record, policy id) — the base patient with the case's patches applied."""
     case = _read(path)
-    base = _read(path.parent / case.get("base", "base.json"))
+    try:
+        record = record_from_case(case, path.parent, engine)
+    except CaseError as exc:
+        raise CaseError(f"{path.name}: {exc}") from None
+    return case, record, path.parent.name.removesuffix(".cases")
+
+
+def record_from_case(case: dict[str, Any], cases_dir: Path, engine: Mappings) -> PatientRecord:
+    """The base patient of a `.cases` folder with a case's patch applied (set / remove / add / draft_orders /
+    order_set / add_orders / unavailable / now): the one reading of the case format, for the tools and pytest."""
+    base_name = case.get("base", "base.json")
+    base = _read(cases_dir / base_name)
     try:
         resources = {
             f"{e['resource']['resourceType']}/{e['resource']['id']}": copy.deepcopy(e["resource"])
@@ -104,13 +115,13 @@ def build_case(path: Path, engine: Mappings) -> tuple[dict[str, Any], PatientRec
         orders.extend(copy.deepcopy(case.get("add_orders", [])))
         now = datetime.fromisoformat(case.get("now", base["anchor_date"]) + "T17:00:00+00:00")
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise CaseError(f"{path.name}: the patch does not fit the base patient ({type(exc).__name__}: {exc})") from None
+        raise CaseError(f"the patch does not fit the base patient ({type(exc).__name__}: {exc})") from None
     unavailable = set(case.get("unavailable", []))
     queries = {
         t: QueryOutcome(t, (t,), Availability.UNAVAILABLE if t in unavailable else Availability.READ, "prefetch")
         for t in engine.queries.supplied_types()
     }
-    record = PatientRecord(
+    return PatientRecord(
         patient_id=base["patient_id"],
         now=now,
         resources=[r for k, r in resources.items() if k.split("/")[0] not in unavailable],
@@ -120,7 +131,6 @@ def build_case(path: Path, engine: Mappings) -> tuple[dict[str, Any], PatientRec
         encounter_id=base.get("encounter_id"),
         references_resolvable=True,
     )
-    return case, record, path.parent.name.removesuffix(".cases")
 
 
 @dataclass
