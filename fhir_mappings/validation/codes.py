@@ -123,6 +123,8 @@ def code_problem(system: str, code: str) -> str | None:
             return f"{code!r} is not a well-formed SNOMED CT identifier (6 to 18 digits)"
         if not verhoeff_ok(c):
             return f"{code!r} is not a SNOMED CT identifier: its Verhoeff check digit is wrong"
+        if c[-3:-1] not in ("00", "10"):  # partition identifier: 00 / 10 concepts; 01, 02, 11, 12 other components
+            return f"{code!r} is not a SNOMED CT concept id (its partition identifier says description or relationship)"
         return None
     if system == RXNORM:
         return None if _RXNORM.match(c) else f"{code!r} is not a well-formed RxNorm RxCUI (digits only)"

@@ -48,6 +48,8 @@ def test_merge_keys_and_aliases() -> None:
         (LOINC, "44261", "not a well-formed LOINC"),
         (SNOMED, "47625008", None),
         (SNOMED, "47625009", "Verhoeff"),
+        (SNOMED, "281000119103", None),  # an extension concept (partition 10)
+        (SNOMED, "1234567013", "partition identifier"),  # check digit right, but a description id (01)
         (RXNORM, "238082", None),
         (RXNORM, "23808a", "RxNorm"),
         (CPT, "90791", None),
