@@ -153,6 +153,30 @@ def _count_resources(prefetch: dict[str, Any]) -> int:
     )
 
 
+def complete_pages(session: requests.Session, prefetch: dict[str, Any], patient_id: str) -> None:
+    """Play a conformant EHR on top of sekmet, in place: every page of each search in one Bundle, and only the
+    patient's resources (sekmet ignores `patient` on some searches, e.g. CareTeam, and answers everyone's, paged)."""
+    for value in prefetch.values():
+        if not isinstance(value, dict) or value.get("resourceType") != "Bundle":
+            continue
+        entries = value.get("entry", [])
+        link = next((lk["url"] for lk in value.get("link", []) if lk.get("relation") == "next"), None)
+        while link:
+            page = session.get(link, timeout=30).json()
+            entries.extend(page.get("entry", []))
+            link = next((lk["url"] for lk in page.get("link", []) if lk.get("relation") == "next"), None)
+        value["link"] = [lk for lk in value.get("link", []) if lk.get("relation") != "next"]
+        value["entry"] = [e for e in entries if not _other_patient(e.get("resource", {}), patient_id)]
+
+
+def _other_patient(resource: dict[str, Any], patient_id: str) -> bool:
+    for element in ("subject", "patient", "beneficiary"):
+        reference = resource.get(element, {}).get("reference") if isinstance(resource.get(element), dict) else None
+        if isinstance(reference, str) and reference.startswith("Patient/"):
+            return reference != f"Patient/{patient_id}"
+    return False
+
+
 # ---------------------------------------------------------------------- processes
 
 
@@ -340,6 +364,7 @@ class Bench:
     def _cases(self, story: Any, today: date, fhir_base: str) -> list[Case]:
         body = self.simulator.build_request(story, mode="prefetch", today=today)
         prefetch = body["prefetch"]
+        complete_pages(self.simulator._fhir, prefetch, story.patient_id)
         fallback = self.simulator.build_request(story, mode="fallback", today=today)
         triage = copy.deepcopy(body)
         order = {**TRIAGE_ORDER, "subject": {"reference": f"Patient/{story.patient_id}"}}
