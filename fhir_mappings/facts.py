@@ -60,10 +60,21 @@ def parse_fhir_date(value: Any) -> date | None:
         return None
 
 
-class CompiledPath:
-    """A jsonpath-ng expression compiled once; `values` returns the matched values in document order."""
+_SIMPLE_PATH = re.compile(r"^\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\*\])*$")
+_SIMPLE_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[\*\]")
+_NOT_SET = object()
 
-    __slots__ = ("expr", "text")
+
+class CompiledPath:
+    """A jsonpath-ng expression compiled once; `values` returns the matched values in document order.
+
+    Nearly every path the mappings use is a chain of fields and `[*]` (`$.clinicalStatus.coding[*].code`): those
+    are walked directly, with jsonpath-ng's exact semantics (a field of a non-object matches nothing, a present
+    `null` matches, `[*]` yields a list's items or an object's values) at a fraction of its cost — every fact reads
+    every resource of its type through these. Anything else goes through jsonpath-ng.
+    """
+
+    __slots__ = ("expr", "steps", "text")
 
     def __init__(self, text: str, where: str) -> None:
         self.text = text
@@ -71,9 +82,34 @@ class CompiledPath:
             self.expr = jsonpath_parse(text)
         except Exception as exc:  # jsonpath-ng raises several exception types for syntax errors
             raise FactError(f"{where}: invalid jsonpath {text!r}: {exc}") from None
+        # None = `[*]`; a str = a field. Only for the plain grammar; otherwise jsonpath-ng does the walk.
+        self.steps: tuple[str | None, ...] | None = (
+            tuple(m.group(1) for m in _SIMPLE_STEP.finditer(text)) if _SIMPLE_PATH.match(text) else None
+        )
 
     def values(self, resource: Resource) -> list[Any]:
-        return [m.value for m in self.expr.find(resource)]
+        steps = self.steps
+        if steps is None:
+            return [m.value for m in self.expr.find(resource)]
+        current: list[Any] = [resource]
+        for step in steps:
+            found: list[Any] = []
+            if step is None:
+                for value in current:
+                    if isinstance(value, list | tuple):
+                        found.extend(value)
+                    elif isinstance(value, Mapping):
+                        found.extend(value.values())
+            else:
+                for value in current:
+                    if isinstance(value, Mapping):
+                        item = value.get(step, _NOT_SET)
+                        if item is not _NOT_SET:
+                            found.append(item)
+            if not found:
+                return found
+            current = found
+        return current
 
 
 def _compile_paths(raw: Any, where: str) -> tuple[CompiledPath, ...]:
