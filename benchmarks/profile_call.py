@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--html", default=None)
     parser.add_argument("--text", default=None, help="pyinstrument's call tree, as text")
+    parser.add_argument("--cprofile", action="store_true", help="also the top functions by own time (cProfile)")
     args = parser.parse_args()
     scenarios = load_all(include_background=True)
     story = find_scenario(STORY, scenarios)
@@ -136,6 +137,14 @@ def main() -> None:
         print("| stage | ms/call | share |\n|---|---:|---:|")
         for name, seconds in table:
             print(f"| {name} | {seconds / args.calls * 1000:.2f} | {seconds / total * 100:.0f} % |")
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            with cProfile.Profile() as cprofile:
+                for _ in range(args.calls):
+                    call()
+            pstats.Stats(cprofile).sort_stats("tottime").print_stats(25)
         if args.html:
             Path(args.html).write_text(profiler.output_html())
         if args.text:

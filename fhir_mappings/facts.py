@@ -615,6 +615,8 @@ class FactContext:
         self._in_progress: set[str] = set()
         self._concepts: dict[tuple[int, int], list[dict[str, Any]]] = {}
         self._matches: dict[tuple[str, tuple[Any, ...]], CodeMatch | None] = {}
+        self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
+        self._verdicts: dict[tuple[int, int], bool | None] = {}
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -679,17 +681,33 @@ class FactContext:
         """The drug concepts of a medication resource, following medicationReference through the record."""
         return medication_concepts(resource, lambda ref, holder: self.record.resolve(ref, within=holder))
 
+    def verdict(self, status_filter: StatusFilter, resource: Resource) -> bool | None:
+        """`status_filter.verdict` of a record resource, computed once per request (several facts share a filter).
+
+        Keyed by the ids of the filter (the library's) and of the resource (the record's): both outlive this context.
+        Conditions are seen as the filters see them (`_as_filtered`: abated means resolved).
+        """
+        key = (id(status_filter), id(resource))
+        found = self._verdicts.get(key, _NOT_SET)
+        if found is _NOT_SET:
+            found = self._verdicts[key] = status_filter.verdict(_as_filtered(resource))
+        return found  # type: ignore[return-value]
+
     def match(self, vs_id: str, concepts: list[dict[str, Any]]) -> CodeMatch | None:
-        valueset = self.registry.get(vs_id)
         for concept in concepts:
-            # Keyed by content, never by id(): concepts built on the fly (note text) are garbage collected
-            # and their ids reused, which would hand one concept another's match.
-            key = (vs_id, _concept_key(concept))
-            if key not in self._matches:
-                self._matches[key] = valueset.match_concept(concept)
-            found = self._matches[key]
+            # Matches are keyed by content, never by id(): concepts built on the fly (note text) are garbage
+            # collected and their ids reused. The content key itself is computed once per concept object: the
+            # object is held in `_concept_keys` with its key, so its id cannot be reused while this context lives.
+            entry = self._concept_keys.get(id(concept))
+            if entry is None or entry[0] is not concept:
+                entry = (concept, _concept_key(concept))
+                self._concept_keys[id(concept)] = entry
+            key = (vs_id, entry[1])
+            found = self._matches.get(key, _NOT_SET)
+            if found is _NOT_SET:
+                found = self._matches[key] = self.registry.get(vs_id).match_concept(concept)
             if found is not None:
-                return found
+                return found  # type: ignore[return-value]
         return None
 
     def item_for(
@@ -769,7 +787,7 @@ class FactContext:
                     match = match or m
             if match is None:
                 continue
-            status = definition.status_filter.verdict(_as_filtered(resource)) if definition.status_filter else True
+            status = self.verdict(definition.status_filter, resource) if definition.status_filter else True
             if status is False:
                 continue
             span, date_path = self.span(resource, shape.date)
@@ -847,15 +865,15 @@ class FactContext:
         resolve = self.resolver()
 
         def selects(concept: Mapping[str, Any]) -> bool:
-            return any(self.match(vs, [dict(concept)]) is not None for vs in definition.valuesets)
+            return any(self.match(vs, [concept]) is not None for vs in definition.valuesets)
 
         def is_panel(concept: Mapping[str, Any]) -> bool:
-            return any(self.match(vs, [dict(concept)]) is not None for vs in definition.panel)
+            return any(self.match(vs, [concept]) is not None for vs in definition.panel)
 
         items: list[Item] = []
         seen: set[str] = set()
         for observation in self.record.of_type("Observation"):
-            status = definition.status_filter.verdict(observation) if definition.status_filter else True
+            status = self.verdict(definition.status_filter, observation) if definition.status_filter else True
             if status is False:
                 continue
             for reading in readings(observation, selects, resolve, panel=is_panel if definition.panel else None):
@@ -866,7 +884,7 @@ class FactContext:
                     continue
                 seen.add(key)
                 holder_status = (
-                    definition.status_filter.verdict(holder) if member and definition.status_filter else status
+                    self.verdict(definition.status_filter, holder) if member and definition.status_filter else status
                 )
                 if holder_status is False:
                     continue
@@ -881,7 +899,7 @@ class FactContext:
         if not isinstance(concept, Mapping):
             return None
         for vs in valuesets:
-            found = self.match(vs, [dict(concept)])
+            found = self.match(vs, [concept])
             if found is not None:
                 return found
         return None
@@ -939,7 +957,7 @@ class FactContext:
 
     def polarity(self, spec: Polarity, reading: Reading) -> PolarityReading:
         def in_sets(sets: tuple[str, ...]) -> CodeTest:
-            return lambda concept: any(self.match(vs, [dict(concept)]) is not None for vs in sets)
+            return lambda concept: any(self.match(vs, [concept]) is not None for vs in sets)
 
         def answer_words(text: str) -> bool | None:
             said = normalise(text)
