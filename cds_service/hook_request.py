@@ -10,15 +10,19 @@ hookInstance that is not a UUID).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+import fastjsonschema
 import jsonschema
+import orjson
 
 from cds_service.errors import CRD_RULE, Issue, ServiceError
 from fhir_mappings.resource_shapes import shape_problems
@@ -114,6 +118,28 @@ def _validator(lenient: bool) -> jsonschema.protocols.Validator:
     return validator_cls(schema)
 
 
+@cache
+def _fast_validator(lenient: bool) -> Callable[[Any], Any]:
+    """The same schema compiled to Python by fastjsonschema (draft-07: `dependentRequired` is `dependencies`).
+
+    Used only to say "valid" quickly on every call; whenever it refuses, the jsonschema validator above gives the
+    detailed messages (and the verdict), so a difference could only make a call slower, never change its answer —
+    as long as this one is never more lenient, which `tests/reliability/test_fast_json.py` checks.
+    """
+    schema = copy.deepcopy(_schema(lenient))
+    schema["dependencies"] = schema.pop("dependentRequired")
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return fastjsonschema.compile(schema)
+
+
+def _schema_errors(body: dict[str, Any], lenient: bool) -> list[jsonschema.ValidationError]:
+    try:
+        _fast_validator(lenient)(body)
+    except fastjsonschema.JsonSchemaException:
+        return sorted(_validator(lenient).iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+    return []
+
+
 @dataclass(frozen=True)
 class HookRequest:
     """A validated order-sign call. The access token lives only here, in memory, for this call."""
@@ -181,6 +207,12 @@ def load_json(raw: bytes | str, limits: JsonLimits) -> Any:
         raise JsonInputError(413, f"larger than {limits.max_bytes} bytes")
     if json.detect_encoding(raw) not in ("utf-8", "utf-8-sig"):
         raise JsonInputError(400, "not UTF-8 (RFC 8259: JSON exchanged between systems is UTF-8)")
+    fast = _fast_load(raw, limits)
+    return fast if fast is not _SLOW_PATH else _exact_load(raw, limits)
+
+
+def _exact_load(raw: bytes, limits: JsonLimits) -> Any:
+    """The reference parse (stdlib json with hooks): decides every document the fast path is not sure of."""
 
     def number(text: str, convert: Any) -> Any:
         if len(text) > limits.max_number_length:
@@ -216,6 +248,45 @@ def load_json(raw: bytes | str, limits: JsonLimits) -> Any:
     return document
 
 
+_SLOW_PATH = object()
+# Numbers orjson reads differently from the exact path (a 19+ digit integer becomes a float) or that may be over a
+# limit (a long number, a 3-digit exponent): such documents take the exact path, which decides what they are.
+_UNUSUAL_NUMBER = re.compile(rb"[-+0-9.eE]{19,}|[eE][-+]?[0-9]{3}")
+
+
+def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
+    """The document parsed by orjson when that provably gives what the exact path gives; else `_SLOW_PATH`.
+
+    orjson refuses NaN/Infinity, invalid UTF-8, lone surrogates, a BOM and nesting beyond 1,024 — all of those (and any
+    other error) go to the exact path, which refuses them with its own status and reason. What orjson cannot refuse
+    is checked here: a duplicate key (the structural colons, counted on the string-free skeleton, exceed the keys
+    of the parsed objects), unusual numbers; depth, value count, string length and surrogates as before.
+    """
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _SLOW_PATH
+    skeleton = _STRING_TOKEN.sub(b'""', raw)
+    if _UNUSUAL_NUMBER.search(skeleton) or skeleton.count(b":") != _object_keys(document):
+        return _SLOW_PATH
+    _check_structure(raw, document, limits, skeleton)
+    return document
+
+
+def _object_keys(document: Any) -> int:
+    """How many members all objects of a parsed document hold (containers walked iteratively)."""
+    total = 0
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if type(value) is dict:
+            total += len(value)
+            stack.extend([v for v in value.values() if type(v) is dict or type(v) is list])
+        elif type(value) is list:
+            stack.extend([v for v in value if type(v) is dict or type(v) is list])
+    return total
+
+
 _STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: 3x faster than an alternation
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
@@ -224,7 +295,7 @@ _DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
 _DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
 
 
-def _check_structure(raw: bytes, document: Any, limits: JsonLimits) -> None:
+def _check_structure(raw: bytes, document: Any, limits: JsonLimits, skeleton: bytes | None = None) -> None:
     """Depth, value count, string length and lone surrogates of a document json.loads accepted.
 
     Fast path on the bytes (regular expressions and C-level counting, no walk of the parsed value): with the
@@ -232,7 +303,8 @@ def _check_structure(raw: bytes, document: Any, limits: JsonLimits) -> None:
     the number of values. Only when a string might be over the limit or a surrogate escape appears is the
     parsed document walked exactly.
     """
-    skeleton = _STRING_TOKEN.sub(b'""', raw)
+    if skeleton is None:
+        skeleton = _STRING_TOKEN.sub(b'""', raw)
     brackets = skeleton.translate(None, _BRACKETS_ONLY)
     if brackets and max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > limits.max_depth:
         raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
@@ -341,7 +413,7 @@ def validate_request(body: Any, *, lenient: bool) -> HookRequest:
     """Check the envelope; 400 if the body is not an object, 422 listing every problem otherwise."""
     if not isinstance(body, dict):
         raise ServiceError(400, "request body must be a JSON object", code="structure")
-    errors = sorted(_validator(lenient).iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+    errors = _schema_errors(body, lenient)
     issues = [Issue(diagnostics=_message(e), expression=_path(e)) for e in errors]
     context = body.get("context") if isinstance(body.get("context"), dict) else {}
     bundle = context.get("draftOrders") if isinstance(context.get("draftOrders"), dict) else {}
