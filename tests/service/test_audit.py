@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 
 from cds_service import audit
@@ -538,6 +539,36 @@ def test_claim_jti_is_first_come_across_stores(make_store: StoreFactory) -> None
     assert worker_a.claim_jti("https://ehr.test", "jti-1", forget_after) is False
     assert worker_b.claim_jti("https://other-issuer.test", "jti-1", forget_after) is True  # per issuer
     assert worker_b.claim_jti("https://ehr.test", "jti-2", forget_after) is True
+
+
+def test_claim_jti_is_exactly_once_under_a_race_of_workers(make_store: StoreFactory) -> None:
+    """Eight stores (as eight gunicorn workers, own connections) claim the same ids at the same instant: each id
+    is claimed exactly once — also on PostgreSQL, where the claim commits with synchronous_commit=off."""
+    workers = [make_store() for _ in range(8)]
+    forget_after = time.time() + 300
+    statements: list[str] = []
+    for store in workers:
+        sa_event.listen(store._engine, "before_cursor_execute", lambda *args: statements.append(str(args[2])))
+    jtis = [f"race-{n}-{uuid.uuid4().hex}" for n in range(20)]
+    results: dict[str, list[bool]] = {jti: [] for jti in jtis}
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(workers))
+
+    def claim(store: AuditStore) -> None:
+        for jti in jtis:
+            barrier.wait()
+            won = store.claim_jti("https://ehr.test", jti, forget_after)
+            with lock:
+                results[jti].append(won)
+
+    threads = [threading.Thread(target=claim, args=(store,)) for store in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(sorted(wins) == [False] * (len(workers) - 1) + [True] for wins in results.values()), results
+    if workers[0].dialect == "postgresql":
+        assert sum("synchronous_commit = off" in s for s in statements) == len(workers) * len(jtis)
 
 
 def test_claim_jti_purges_expired_ids(make_store: StoreFactory) -> None:
