@@ -111,6 +111,7 @@ def main() -> None:
             target = int(args.case.rsplit("_", 1)[1])
             body = {**copy.deepcopy(body), "prefetch": padded_prefetch(body["prefetch"], target, fhir.base_url)[0]}
         raw = json.dumps(body).encode()
+        Path(workdir / "body.json").write_bytes(raw)
         client = app.test_client()
         url = "/cds-services/ketamine-prior-auth"
 

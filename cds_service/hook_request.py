@@ -249,42 +249,69 @@ def _exact_load(raw: bytes, limits: JsonLimits) -> Any:
 
 
 _SLOW_PATH = object()
-# Numbers orjson reads differently from the exact path (a 19+ digit integer becomes a float) or that may be over a
-# limit (a long number, a 3-digit exponent): such documents take the exact path, which decides what they are.
-_UNUSUAL_NUMBER = re.compile(rb"[-+0-9.eE]{19,}|[eE][-+]?[0-9]{3}")
+# Numbers orjson reads differently from the exact path: an integer of 19+ digits (orjson makes it a float), and a
+# number longer than the limit (the exact path refuses it). Looked for in the raw text, strings included (a match
+# in a string only costs the exact path), with C-speed byte translation: digits (or number characters) become '#',
+# everything else a space, and a run of '#' is searched. Floats are read to the same double by both (correctly
+# rounded; the differential tests include the subnormal and overflow edges); an overflow is an orjson error.
+_DIGITS = bytes(35 if chr(c) in "0123456789" else 32 for c in range(256))
+_NUMBER_CHARS = bytes(35 if chr(c) in "0123456789.eE+-" else 32 for c in range(256))
+
+
+def _unusual_numbers(raw: bytes, max_number_length: int) -> bool:
+    return (
+        raw.translate(_DIGITS).find(b"#" * 19) != -1
+        or raw.translate(_NUMBER_CHARS).find(b"#" * (max_number_length + 1)) != -1
+    )
 
 
 def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
-    """The document parsed by orjson when that provably gives what the exact path gives; else `_SLOW_PATH`.
+    """The document parsed by orjson when that provably decides as the exact path does; else `_SLOW_PATH`.
 
-    orjson refuses NaN/Infinity, invalid UTF-8, lone surrogates, a BOM and nesting beyond 1,024 — all of those (and any
-    other error) go to the exact path, which refuses them with its own status and reason. What orjson cannot refuse
-    is checked here: a duplicate key (the structural colons, counted on the string-free skeleton, exceed the keys
-    of the parsed objects), unusual numbers; depth, value count, string length and surrogates as before.
+    orjson refuses NaN/Infinity, invalid UTF-8, lone surrogate escapes, a BOM and nesting beyond 1,024: those (and
+    any other error) go to the exact path, which refuses them with its own status and reason. What orjson accepts
+    and the exact path would not is caught here, on the raw bytes and one walk of the parsed containers:
+
+    - a duplicate key: every key ends with `"`, optional whitespace and `:`; such sequences in the raw text are at
+      least as many as the keys written (a string may contain one too), so as many as the parsed objects hold
+      members means no key was written twice;
+    - an integer of 19+ digits (orjson makes it a float), a number longer than the limit: the exact path decides;
+    - depth and the value bound are the exact path's own figures (bracket nesting; commas + containers + 1),
+      computed from the containers; string length and lone surrogates are checked exactly as before.
     """
+    if _unusual_numbers(raw, limits.max_number_length):
+        return _SLOW_PATH
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _SLOW_PATH
-    skeleton = _STRING_TOKEN.sub(b'""', raw)
-    if _UNUSUAL_NUMBER.search(skeleton) or skeleton.count(b":") != _object_keys(document):
+    keys = commas = containers = deepest = 0
+    level = [document] if type(document) is dict or type(document) is list else []
+    while level:  # one nesting level at a time: its depth is the loop count
+        deepest += 1
+        deeper: list[Any] = []
+        for value in level:
+            size = len(value)
+            commas += size - 1 if size else 0
+            if type(value) is dict:
+                keys += size
+                value = value.values()
+            deeper.extend([v for v in value if type(v) is dict or type(v) is list])
+        containers += len(level)
+        level = deeper
+    # Whitespace deleted everywhere (inside strings too, which can only add matches): `":` then ends every key.
+    if raw.translate(None, b" \t\r\n").count(b'":') != keys:
         return _SLOW_PATH
-    _check_structure(raw, document, limits, skeleton)
+    if deepest > limits.max_depth:
+        raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
+    if commas + containers + 1 > limits.max_values:  # the exact path's bound: skeleton commas + brackets/2 + 1
+        raise JsonInputError(413, f"more than {limits.max_values} values")
+    long_string = len(raw) > limits.max_string_length and any(
+        m.end() - m.start() - 2 > limits.max_string_length for m in _STRING_TOKEN.finditer(raw)
+    )
+    if long_string or _SURROGATE_ESCAPE.search(raw):
+        _check_walk(document, limits)
     return document
-
-
-def _object_keys(document: Any) -> int:
-    """How many members all objects of a parsed document hold (containers walked iteratively)."""
-    total = 0
-    stack = [document]
-    while stack:
-        value = stack.pop()
-        if type(value) is dict:
-            total += len(value)
-            stack.extend([v for v in value.values() if type(v) is dict or type(v) is list])
-        elif type(value) is list:
-            stack.extend([v for v in value if type(v) is dict or type(v) is list])
-    return total
 
 
 _STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: 3x faster than an alternation
