@@ -40,6 +40,7 @@ from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 Resource = dict[str, Any]
 FACTS_FILE = Path(__file__).with_name("facts.yaml")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MATCH_CACHE_LIMIT = 200_000  # code matches kept per process (about 100 bytes each)
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
@@ -614,7 +615,9 @@ class FactContext:
         self._cache: dict[str, Fact] = {}
         self._in_progress: set[str] = set()
         self._concepts: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        self._matches: dict[tuple[str, tuple[Any, ...]], CodeMatch | None] = {}
+        self._matches: dict[tuple[str, tuple[Any, ...]], CodeMatch | None] = self.registry.match_cache
+        if len(self._matches) > MATCH_CACHE_LIMIT:  # bounded: a long-running worker sees many distinct concepts
+            self._matches.clear()
         self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._verdicts: dict[tuple[int, int], bool | None] = {}
 
