@@ -164,35 +164,58 @@ def shape_problems(resource: Any, *, limit: int = MAX_PROBLEMS) -> list[str]:
     return problems
 
 
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    _STRING: (str,),
+    _BOOLEAN: (bool,),
+    _INTEGER: (int,),
+    _DECIMAL: (int, float),
+}
+
+
+@functools.cache
+def _plan(model: Any) -> dict[str, tuple[bool, tuple[type, ...] | None, Any]]:
+    """Per JSON name: (is a list, the Python types a primitive must have or None, the model of a complex element or
+    `_RESOURCE` or None) — `_elements` resolved once, so the yes/no walk does no attribute or cache lookups."""
+    plan: dict[str, tuple[bool, tuple[type, ...] | None, Any]] = {}
+    for key, element in _elements(model).items():
+        if element.kind == "complex":
+            plan[key] = (element.is_list, None, _model_of_complex(element.model))
+        elif element.kind == _RESOURCE:
+            plan[key] = (element.is_list, None, _RESOURCE)
+        else:
+            plan[key] = (element.is_list, _SCALAR_TYPES[element.kind], None)
+    return plan
+
+
 def _object_ok(value: dict[str, Any], model: Any) -> bool:
     """True exactly when `_check_object` would find no problem (the same walk, answering only yes or no)."""
-    elements = _elements(model)
+    plan = _plan(model)
     for key, item in value.items():
-        element = elements.get(key)
-        if element is None:
+        step = plan.get(key)
+        if step is None:
             continue
-        if element.is_list:
+        is_list, scalar, inner = step
+        if is_list:
             if not isinstance(item, list):
                 return False
-            skip_null = element.kind not in ("complex", _RESOURCE)
             for entry in item:
-                if entry is None and skip_null:
-                    continue
-                if not _value_ok(entry, element):
+                if entry is None and scalar is not None:
+                    continue  # null in a primitive array: its value is in `_key` (FHIR JSON)
+                if not _item_ok(entry, scalar, inner):
                     return False
-        elif not _value_ok(item, element):
+        elif not _item_ok(item, scalar, inner):
             return False
     return True
 
 
-def _value_ok(item: Any, element: _Element) -> bool:
-    if not _shape_ok(item, element.kind):
+def _item_ok(item: Any, scalar: tuple[type, ...] | None, inner: Any) -> bool:
+    if scalar is not None:  # `_shape_ok` for primitives: bool is no integer or decimal
+        return isinstance(item, scalar) and (scalar[0] is bool or not isinstance(item, bool))
+    if not isinstance(item, dict):
         return False
-    if element.kind == "complex":
-        return _object_ok(item, _model_of_complex(element.model))
-    if element.kind == _RESOURCE:
+    if inner is _RESOURCE:
         return not shape_problems(item)
-    return True
+    return _object_ok(item, inner)
 
 
 def _check_object(value: dict[str, Any], model: Any, path: str, problems: list[str], limit: int) -> None:
