@@ -68,3 +68,21 @@ def test_mutated_resources_are_judged_alike(index: int, pick: int, value: Any) -
     node[path[-1]] = value
     model = _resource_model(resource["resourceType"])
     assert _object_ok(resource, model) == _detailed_ok(resource)
+
+
+def test_booleans_are_not_numbers_and_nulls_only_fill_primitive_arrays() -> None:
+    model = _resource_model("Observation")
+    base = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    cases = [
+        {**base, "valueInteger": True},
+        {**base, "valueQuantity": {"value": False}},
+        {**base, "valueBoolean": 1},
+        {**base, "valueQuantity": {"value": 1.5}},
+        {**base, "category": [None]},
+        {**base, "code": {"coding": [None]}},
+        {**base, "code": {"text": None}},
+        {**base, "note": [{"text": "n"}], "interpretation": [{"text": None}]},
+    ]
+    verdicts = [_object_ok(case, model) for case in cases]
+    assert verdicts == [_detailed_ok(case) for case in cases]
+    assert verdicts[:3] == [False, False, False] and verdicts[3] is True
