@@ -11,6 +11,7 @@ hookInstance that is not a UUID).
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import json
 import math
@@ -249,6 +250,7 @@ def _exact_load(raw: bytes, limits: JsonLimits) -> Any:
 
 
 _SLOW_PATH = object()
+_GC_PAUSE_BYTES = 1024 * 1024
 # Numbers orjson reads differently from the exact path: an integer of 19+ digits (orjson makes it a float), and a
 # number longer than the limit (the exact path refuses it). Looked for in the raw text, strings included (a match
 # in a string only costs the exact path), with C-speed byte translation: digits (or number characters) become '#',
@@ -281,10 +283,16 @@ def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
     """
     if _unusual_numbers(raw, limits.max_number_length):
         return _SLOW_PATH
+    collect = len(raw) > _GC_PAUSE_BYTES and gc.isenabled()
+    if collect:  # a large body makes millions of objects: no collection scans them while they are being built
+        gc.disable()
     try:
         document = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return _SLOW_PATH
+    finally:
+        if collect:
+            gc.enable()
     keys = commas = containers = deepest = 0
     level = [document] if type(document) is dict or type(document) is list else []
     while level:  # one nesting level at a time: its depth is the loop count
@@ -306,12 +314,28 @@ def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
         raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
     if commas + containers + 1 > limits.max_values:  # the exact path's bound: skeleton commas + brackets/2 + 1
         raise JsonInputError(413, f"more than {limits.max_values} values")
-    long_string = len(raw) > limits.max_string_length and any(
-        m.end() - m.start() - 2 > limits.max_string_length for m in _STRING_TOKEN.finditer(raw)
-    )
-    if long_string or _SURROGATE_ESCAPE.search(raw):
+    if _may_hold_long_string(raw, limits.max_string_length) or _SURROGATE_ESCAPE.search(raw):
         _check_walk(document, limits)
     return document
+
+
+def _may_hold_long_string(raw: bytes, max_length: int) -> bool:
+    """True when some string token's raw text may be longer than `max_length` (then the exact walk decides).
+
+    Without an escaped quote in the document, a string's raw text is the run of non-quote bytes after its opening
+    quote, so one C-level search for a quote followed by more than `max_length` non-quote bytes finds it (a long
+    run between strings, e.g. a long array of numbers, only costs the walk). Otherwise every token is measured.
+    """
+    if len(raw) <= max_length:
+        return False
+    if b'\\"' not in raw:
+        return _long_run(max_length).search(raw) is not None
+    return any(m.end() - m.start() - 2 > max_length for m in _STRING_TOKEN.finditer(raw))
+
+
+@cache
+def _long_run(max_length: int) -> re.Pattern[bytes]:
+    return re.compile(rb'"[^"]{%d}' % (max_length + 1))
 
 
 _STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: 3x faster than an alternation

@@ -620,6 +620,7 @@ class FactContext:
             self._matches.clear()
         self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._verdicts: dict[tuple[int, int], bool | None] = {}
+        self._plan: list[tuple[Resource, tuple[Any, ...] | None]] | None = None
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -683,6 +684,19 @@ class FactContext:
     def medication_concepts(self, resource: Resource) -> list[dict[str, Any]]:
         """The drug concepts of a medication resource, following medicationReference through the record."""
         return medication_concepts(resource, lambda ref, holder: self.record.resolve(ref, within=holder))
+
+    def _observation_plan(self) -> list[tuple[Resource, tuple[Any, ...] | None]]:
+        """The record's Observations in order, each with its code's content key when it is a plain one (a coded
+        Observation without component or hasMember), else None (read through `readings` every time)."""
+        if self._plan is None:
+            plan: list[tuple[Resource, tuple[Any, ...] | None]] = []
+            for observation in self.record.of_type("Observation"):
+                code = observation.get("code")
+                plain = isinstance(code, Mapping) and not observation.get("component")
+                plain = plain and not observation.get("hasMember")
+                plan.append((observation, _concept_key(code) if plain else None))
+            self._plan = plan
+        return self._plan
 
     def verdict(self, status_filter: StatusFilter, resource: Resource) -> bool | None:
         """`status_filter.verdict` of a record resource, computed once per request (several facts share a filter).
@@ -875,7 +889,17 @@ class FactContext:
 
         items: list[Item] = []
         seen: set[str] = set()
-        for observation in self.record.of_type("Observation"):
+        wanted: dict[tuple[Any, ...], bool] = {}  # per distinct code: can a plain Observation with it be read here
+        for observation, code_key in self._observation_plan():
+            if code_key is not None:
+                # A plain Observation (no component, no hasMember) yields a reading only when its code is selected
+                # or is a panel carrying its own value: decided once per distinct code, not per Observation.
+                decided = wanted.get(code_key)
+                if decided is None:
+                    code = observation["code"]
+                    decided = wanted[code_key] = selects(code) or bool(definition.panel and is_panel(code))
+                if not decided:
+                    continue
             status = self.verdict(definition.status_filter, observation) if definition.status_filter else True
             if status is False:
                 continue
