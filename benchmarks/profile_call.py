@@ -24,6 +24,7 @@ from cds_service.app import create_app
 from cds_service.bench import STORY, TRIAGE_ORDER, complete_pages, padded_prefetch
 from cds_service.config import ServiceConfig
 from cds_service.discovery import discovery_document
+from cds_service.runtime import tune_gc_after_startup
 from sandbox.demo import write_sandbox_keys
 from sandbox.ehr import DEFAULT_ISSUER, EhrSimulator
 from sandbox.fhir_server import FhirServerProcess
@@ -96,6 +97,7 @@ def main() -> None:
             max_body_bytes=64 * 1024 * 1024,
         )
         app = create_app(config)
+        tune_gc_after_startup()  # as the served worker does
         state = app.extensions["ketamine_cds"]
         simulator = EhrSimulator(base, fhir.base_url, fhir_token=fhir.token, key=key)
         simulator._discovery = discovery_document(state.mappings.queries)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import sys
 from typing import Any
@@ -58,10 +57,11 @@ def run_gunicorn(config: ServiceConfig) -> None:
 
         def load(self) -> Any:
             from cds_service.app import create_app
+            from cds_service.runtime import tune_gc_after_startup
 
             app = create_app(config)
             install_sighup(app)
-            gc.freeze()  # start-up objects (mappings, models) leave the collector's scans: cheaper GC per request
+            tune_gc_after_startup()  # start-up objects leave the collector's scans; collections scale with a call
             return app
 
     Server().run()

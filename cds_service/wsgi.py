@@ -6,13 +6,13 @@ so the process manager owns the settings and no file is edited per deployment.
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 
 from cds_service.app import create_app
 from cds_service.config import config_from
 from cds_service.reload import install_sighup
+from cds_service.runtime import tune_gc_after_startup
 from fhir_mappings.validation import MappingsInvalid
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -22,4 +22,4 @@ except MappingsInvalid as exc:  # the same file:line:column lines as `ketamine-c
     print(str(exc), file=sys.stderr)
     raise SystemExit(2) from None
 install_sighup(app)  # kill -HUP reloads the mappings (with `-c python:cds_service.reload`, gunicorn's HUP too)
-gc.freeze()  # start-up objects leave the collector's scans: cheaper GC per request (as `ketamine-cds serve`)
+tune_gc_after_startup()  # as `ketamine-cds serve`: start-up frozen out of GC scans, collections scale with a call
