@@ -391,15 +391,24 @@ class Bench:
         return cases
 
     def _warm_up(self, cases: list[Case]) -> None:
-        """One call of each case (the answer size for the floor), then a few small ones so both workers are warm."""
+        """One call of each case (the answer size for the floor), then every case from `concurrency` connections at
+        once, twice, so that every worker has served every case (a keep-alive client sticks to one worker)."""
         session = requests.Session()
         for case in cases:
             status, _, size = self._post(session, self.simulator.hook_url, case.fresh_body())
             case.answer_size = size or 64
             _log(f"warm-up {case.name}: HTTP {status}, answer {size} bytes")
-        for _ in range(6):
-            for case in cases[:2]:
-                self._post(session, self.simulator.hook_url, case.fresh_body())
+
+        def client() -> None:
+            own = requests.Session()
+            for case in cases * 2:
+                self._post(own, self.simulator.hook_url, case.fresh_body())
+
+        threads = [threading.Thread(target=client) for _ in range(self.settings.concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _latency(self, cases: list[Case]) -> None:
         """Round-robin: each round fires every due case once at the service and once at the floor."""

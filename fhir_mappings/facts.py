@@ -40,7 +40,7 @@ from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 Resource = dict[str, Any]
 FACTS_FILE = Path(__file__).with_name("facts.yaml")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-MATCH_CACHE_LIMIT = 200_000  # code matches kept per process (about 100 bytes each)
+MATCH_CACHE_LIMIT = 20_000  # code matches kept per process (a few hundred bytes each: a few MiB at most)
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
