@@ -401,7 +401,7 @@ class Bench:
 
         def client() -> None:
             own = requests.Session()
-            for case in cases * 2:
+            for case in cases * (2 if self.settings.rounds > QUICK.rounds else 1):
                 self._post(own, self.simulator.hook_url, case.fresh_body())
 
         threads = [threading.Thread(target=client) for _ in range(self.settings.concurrency)]
