@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     Column,
@@ -254,6 +256,36 @@ def sanitise_for_store(value: Any) -> Any:
     return value
 
 
+def _scrubbed_for_store(value: Any) -> Any:
+    """`sanitise_for_store(scrub_secrets(value))` in one walk: the call payloads (cards, decisions) are the bulk of
+    what the audit writer does per call."""
+    if isinstance(value, str):
+        return _UNSTORABLE.sub(REPLACEMENT, value) if _needs_sanitising(value) else value
+    if isinstance(value, Mapping):
+        return {
+            sanitise_for_store(str(key)): _scrubbed_for_store(item)
+            for key, item in value.items()
+            if str(key).lower() not in SECRET_KEYS
+        }
+    if isinstance(value, list | tuple):
+        return [_scrubbed_for_store(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
+def _json_text(value: Any) -> str:
+    """The JSON columns' serializer: orjson (C speed); whatever it cannot serialize as the stdlib would (non-str
+    keys, datetimes, subclasses, huge integers) goes to `json.dumps`, which stores it or refuses it as before."""
+    try:
+        return orjson.dumps(value, option=_ORJSON_OPTIONS).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
 def _needs_sanitising(text: str) -> bool:
     return "\x00" in text or (not text.isascii() and _UNSTORABLE.search(text) is not None)
 
@@ -359,6 +391,7 @@ class AuditStore:
                 pool_pre_ping=True,  # survive a PostgreSQL restart between calls
                 hide_parameters=True,  # exception messages would otherwise quote patient ids
                 connect_args={"connect_timeout": 5},
+                json_serializer=_json_text,
             )
             return engine, False
 
@@ -366,7 +399,11 @@ class AuditStore:
         in_memory = database in {"", ":memory:"}
         if in_memory:
             engine = create_engine(
-                url, poolclass=StaticPool, connect_args={"check_same_thread": False}, hide_parameters=True
+                url,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False},
+                hide_parameters=True,
+                json_serializer=_json_text,
             )
         else:
             if not url.query.get("uri"):
@@ -381,6 +418,7 @@ class AuditStore:
                 # Connections are pooled and each is used by one thread at a time (writer or request thread).
                 connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
                 hide_parameters=True,
+                json_serializer=_json_text,
             )
 
         @event.listens_for(engine, "connect")
@@ -739,9 +777,6 @@ class AuditStore:
                 "hook": record.hook,
                 "hook_instance": record.hook_instance,
                 "outcome": record.outcome,
-                "decisions": scrub_secrets(list(record.decisions or [])),
-                "cards": scrub_secrets(list(record.cards or [])),
-                "system_actions": scrub_secrets(list(record.system_actions or [])),
                 "mapping_version": record.mapping_version,
                 "issuer": record.issuer,
                 "patient_id": record.patient_id,
@@ -750,6 +785,9 @@ class AuditStore:
                 "error": record.error,
             }
         )
+        row["decisions"] = _scrubbed_for_store(list(record.decisions or []))
+        row["cards"] = _scrubbed_for_store(list(record.cards or []))
+        row["system_actions"] = _scrubbed_for_store(list(record.system_actions or []))
         row["received_at"] = _as_utc(record.received_at)
         row["status_code"] = int(record.status_code)
         row["latency_ms"] = float(record.latency_ms)

@@ -18,6 +18,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 
@@ -625,3 +627,33 @@ def test_sanitise_for_store_leaves_clean_values_alone() -> None:
     value = {"a": ["x", 1, 2.5, None, True, {"é": "😀"}]}
     assert audit.sanitise_for_store(value) == value
     assert audit.sanitise_for_store({"n": float("nan")}) == {"n": None}
+
+
+_payload_keys = st.sampled_from(["a", "access_token", "Authorization", "b\x00", "\ud800k", "client_secret", "x"])
+_payloads = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(alphabet=st.sampled_from(["a", "\x00", "\ud800", "é", "\udfff"]), max_size=4),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children)
+        | st.dictionaries(_payload_keys | st.integers(0, 3), children, max_size=3)
+    ),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(payload=_payloads)
+def test_one_walk_scrubs_and_sanitises_as_the_two_did(payload: Any) -> None:
+    expected = audit.sanitise_for_store(audit.scrub_secrets(payload))
+    assert audit._scrubbed_for_store(payload) == expected
+    assert json.loads(audit._json_text(expected)) == json.loads(json.dumps(expected))
+
+
+def test_json_columns_refuse_what_the_stdlib_refuses() -> None:
+    with pytest.raises(TypeError):
+        audit._json_text({"when": datetime.now(UTC)})
+    assert json.loads(audit._json_text({"big": 10**30, 1: "x"})) == {"big": 10**30, "1": "x"}
