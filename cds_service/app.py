@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from cds_service.audit import AuditStore, AuditStoreError, HookCallRecord
 from cds_service.auth import AuthError, Caller, JwtVerifier, SharedReplayCache, TrustedIssuers
+from cds_service.bench_floor import floor_enabled, register_floor
 from cds_service.config import ServiceConfig
 from cds_service.discovery import SERVICE_ID, discovery_document
 from cds_service.errors import Issue, ServiceError, operation_outcome
@@ -148,6 +149,8 @@ def create_app(
     )
     _register_routes(app, state)
     _register_errors(app)
+    if floor_enabled():  # `ketamine-cds bench` only: the bare endpoint its ratios are measured against
+        register_floor(app)
     log.info(
         "ketamine-cds ready: %s/cds-services, mappings %s, policies %s, audit %s",
         config.base_url,

@@ -57,9 +57,11 @@ def run_gunicorn(config: ServiceConfig) -> None:
 
         def load(self) -> Any:
             from cds_service.app import create_app
+            from cds_service.runtime import tune_gc_after_startup
 
             app = create_app(config)
             install_sighup(app)
+            tune_gc_after_startup()  # start-up objects leave the collector's scans; collections scale with a call
             return app
 
     Server().run()
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         register_tools = None
     if register_tools is not None:
         register_tools(sub)
+    from cds_service.bench import register as register_bench
+
+    register_bench(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -74,7 +74,7 @@ class ServiceConfig:
         default=1000, metadata={"help": "`_count` asked of every FHIR search (servers may answer with fewer)"}
     )
     max_body_bytes: int = field(
-        default=8 * 1024 * 1024, metadata={"help": "largest hook/feedback request body accepted (413 above)"}
+        default=30 * 1024 * 1024, metadata={"help": "largest hook/feedback request body accepted (413 above)"}
     )
     max_json_depth: int = field(default=64, metadata={"help": "deepest JSON nesting accepted (413 above)"})
     workers: int = field(default=2, metadata={"help": "gunicorn worker processes"})

@@ -10,15 +10,20 @@ hookInstance that is not a UUID).
 
 from __future__ import annotations
 
+import copy
+import gc
 import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+import fastjsonschema
 import jsonschema
+import orjson
 
 from cds_service.errors import CRD_RULE, Issue, ServiceError
 from fhir_mappings.resource_shapes import shape_problems
@@ -114,6 +119,28 @@ def _validator(lenient: bool) -> jsonschema.protocols.Validator:
     return validator_cls(schema)
 
 
+@cache
+def _fast_validator(lenient: bool) -> Callable[[Any], Any]:
+    """The same schema compiled to Python by fastjsonschema (draft-07: `dependentRequired` is `dependencies`).
+
+    Used only to say "valid" quickly on every call; whenever it refuses, the jsonschema validator above gives the
+    detailed messages (and the verdict), so a difference could only make a call slower, never change its answer —
+    as long as this one is never more lenient, which `tests/reliability/test_fast_json.py` checks.
+    """
+    schema = copy.deepcopy(_schema(lenient))
+    schema["dependencies"] = schema.pop("dependentRequired")
+    schema["$schema"] = "http://json-schema.org/draft-07/schema#"
+    return fastjsonschema.compile(schema)
+
+
+def _schema_errors(body: dict[str, Any], lenient: bool) -> list[jsonschema.ValidationError]:
+    try:
+        _fast_validator(lenient)(body)
+    except fastjsonschema.JsonSchemaException:
+        return sorted(_validator(lenient).iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+    return []
+
+
 @dataclass(frozen=True)
 class HookRequest:
     """A validated order-sign call. The access token lives only here, in memory, for this call."""
@@ -181,6 +208,12 @@ def load_json(raw: bytes | str, limits: JsonLimits) -> Any:
         raise JsonInputError(413, f"larger than {limits.max_bytes} bytes")
     if json.detect_encoding(raw) not in ("utf-8", "utf-8-sig"):
         raise JsonInputError(400, "not UTF-8 (RFC 8259: JSON exchanged between systems is UTF-8)")
+    fast = _fast_load(raw, limits)
+    return fast if fast is not _SLOW_PATH else _exact_load(raw, limits)
+
+
+def _exact_load(raw: bytes, limits: JsonLimits) -> Any:
+    """The reference parse (stdlib json with hooks): decides every document the fast path is not sure of."""
 
     def number(text: str, convert: Any) -> Any:
         if len(text) > limits.max_number_length:
@@ -216,6 +249,95 @@ def load_json(raw: bytes | str, limits: JsonLimits) -> Any:
     return document
 
 
+_SLOW_PATH = object()
+_GC_PAUSE_BYTES = 1024 * 1024
+# Numbers orjson reads differently from the exact path: an integer of 19+ digits (orjson makes it a float), and a
+# number longer than the limit (the exact path refuses it). Looked for in the raw text, strings included (a match
+# in a string only costs the exact path), with C-speed byte translation: digits (or number characters) become '#',
+# everything else a space, and a run of '#' is searched. Floats are read to the same double by both (correctly
+# rounded; the differential tests include the subnormal and overflow edges); an overflow is an orjson error.
+_DIGITS = bytes(35 if chr(c) in "0123456789" else 32 for c in range(256))
+_NUMBER_CHARS = bytes(35 if chr(c) in "0123456789.eE+-" else 32 for c in range(256))
+
+
+def _unusual_numbers(raw: bytes, max_number_length: int) -> bool:
+    return (
+        raw.translate(_DIGITS).find(b"#" * 19) != -1
+        or raw.translate(_NUMBER_CHARS).find(b"#" * (max_number_length + 1)) != -1
+    )
+
+
+def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
+    """The document parsed by orjson when that provably decides as the exact path does; else `_SLOW_PATH`.
+
+    orjson refuses NaN/Infinity, invalid UTF-8, lone surrogate escapes, a BOM and nesting beyond 1,024: those (and
+    any other error) go to the exact path, which refuses them with its own status and reason. What orjson accepts
+    and the exact path would not is caught here, on the raw bytes and one walk of the parsed containers:
+
+    - a duplicate key: every key ends with `"`, optional whitespace and `:`; such sequences in the raw text are at
+      least as many as the keys written (a string may contain one too), so as many as the parsed objects hold
+      members means no key was written twice;
+    - an integer of 19+ digits (orjson makes it a float), a number longer than the limit: the exact path decides;
+    - depth and the value bound are the exact path's own figures (bracket nesting; commas + containers + 1),
+      computed from the containers; string length and lone surrogates are checked exactly as before.
+    """
+    if _unusual_numbers(raw, limits.max_number_length):
+        return _SLOW_PATH
+    collect = len(raw) > _GC_PAUSE_BYTES and gc.isenabled()
+    if collect:  # a large body makes millions of objects: no collection scans them while they are being built
+        gc.disable()
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _SLOW_PATH
+    finally:
+        if collect:
+            gc.enable()
+    keys = commas = containers = deepest = 0
+    level = [document] if type(document) is dict or type(document) is list else []
+    while level:  # one nesting level at a time: its depth is the loop count
+        deepest += 1
+        deeper: list[Any] = []
+        for value in level:
+            size = len(value)
+            commas += size - 1 if size else 0
+            if type(value) is dict:
+                keys += size
+                value = value.values()
+            deeper.extend([v for v in value if type(v) is dict or type(v) is list])
+        containers += len(level)
+        level = deeper
+    # Whitespace deleted everywhere (inside strings too, which can only add matches): `":` then ends every key.
+    if raw.translate(None, b" \t\r\n").count(b'":') != keys:
+        return _SLOW_PATH
+    if deepest > limits.max_depth:
+        raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
+    if commas + containers + 1 > limits.max_values:  # the exact path's bound: skeleton commas + brackets/2 + 1
+        raise JsonInputError(413, f"more than {limits.max_values} values")
+    if _may_hold_long_string(raw, limits.max_string_length) or _SURROGATE_ESCAPE.search(raw):
+        _check_walk(document, limits)
+    return document
+
+
+def _may_hold_long_string(raw: bytes, max_length: int) -> bool:
+    """True when some string token's raw text may be longer than `max_length` (then the exact walk decides).
+
+    Without an escaped quote in the document, a string's raw text is the run of non-quote bytes after its opening
+    quote, so one C-level search for a quote followed by more than `max_length` non-quote bytes finds it (a long
+    run between strings, e.g. a long array of numbers, only costs the walk). Otherwise every token is measured.
+    """
+    if len(raw) <= max_length:
+        return False
+    if b'\\"' not in raw:
+        return _long_run(max_length).search(raw) is not None
+    return any(m.end() - m.start() - 2 > max_length for m in _STRING_TOKEN.finditer(raw))
+
+
+@cache
+def _long_run(max_length: int) -> re.Pattern[bytes]:
+    return re.compile(rb'"[^"]{%d}' % (max_length + 1))
+
+
 _STRING_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: 3x faster than an alternation
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _BRACKETS_ONLY = bytes(c for c in range(256) if c not in b"[]{}")
@@ -224,7 +346,7 @@ _DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
 _DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
 
 
-def _check_structure(raw: bytes, document: Any, limits: JsonLimits) -> None:
+def _check_structure(raw: bytes, document: Any, limits: JsonLimits, skeleton: bytes | None = None) -> None:
     """Depth, value count, string length and lone surrogates of a document json.loads accepted.
 
     Fast path on the bytes (regular expressions and C-level counting, no walk of the parsed value): with the
@@ -232,7 +354,8 @@ def _check_structure(raw: bytes, document: Any, limits: JsonLimits) -> None:
     the number of values. Only when a string might be over the limit or a surrogate escape appears is the
     parsed document walked exactly.
     """
-    skeleton = _STRING_TOKEN.sub(b'""', raw)
+    if skeleton is None:
+        skeleton = _STRING_TOKEN.sub(b'""', raw)
     brackets = skeleton.translate(None, _BRACKETS_ONLY)
     if brackets and max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets))) > limits.max_depth:
         raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
@@ -341,7 +464,7 @@ def validate_request(body: Any, *, lenient: bool) -> HookRequest:
     """Check the envelope; 400 if the body is not an object, 422 listing every problem otherwise."""
     if not isinstance(body, dict):
         raise ServiceError(400, "request body must be a JSON object", code="structure")
-    errors = sorted(_validator(lenient).iter_errors(body), key=lambda e: list(map(str, e.absolute_path)))
+    errors = _schema_errors(body, lenient)
     issues = [Issue(diagnostics=_message(e), expression=_path(e)) for e in errors]
     context = body.get("context") if isinstance(body.get("context"), dict) else {}
     bundle = context.get("draftOrders") if isinstance(context.get("draftOrders"), dict) else {}

@@ -231,6 +231,7 @@ def gather_record(
         patient_id=str(context.get("patientId") or ""),
     )
     outcomes: dict[str, QueryOutcome] = {}
+    roles_complete: set[str] = set()  # Practitioner ids whose PractitionerRoles are all in the record already
     to_fetch: dict[str, str] = {}
     page_limits: dict[str, int] = {}
     pending: dict[str, _Prefetched] = {}  # keys sent to the server, with what prefetch gave for them
@@ -250,6 +251,7 @@ def gather_record(
                 collected.unreadable_by_query[key] = collected.unreadable_by_query.get(key, 0) + checked.malformed
             if checked.next_url is None:
                 outcomes[key] = _outcome(query, Availability.READ, "prefetch", pages=1)
+                roles_complete.update(_practitioners_with_roles(query, rendered, checked.resources))
             elif fhir is None:
                 outcomes[key] = _outcome(query, Availability.PARTIAL, "prefetch", f"prefetch paginated; {NO_SERVER}", 1)
             elif limits.max_pages_per_query <= 1:
@@ -303,10 +305,14 @@ def gather_record(
         log.warning("patient record: required data unavailable: %s", ", ".join(missing))
         raise RequiredDataUnavailable(missing, {key: outcomes[key].reason for key in missing})
 
+    user_roles = _user_roles_search_read(queries, outcomes, context)
+    if user_roles:
+        roles_complete.add(user_roles)
     unresolved: dict[str, str] = {}
     references_fetched = 0
     if fhir is not None:
         references_fetched = _resolve_references(
+            roles_complete=roles_complete,
             queries=queries,
             collected=collected,
             draft_orders=draft_orders,
@@ -332,6 +338,49 @@ def gather_record(
         full_urls=collected.full_urls,
         unreadable=collected.unreadable,
     )
+
+
+_REVINCLUDES_ROLES = re.compile(r"(?:^|[?&])_revinclude(:iterate)?=PractitionerRole(?::|%3A)practitioner(?:&|$)")
+_USER_ROLES_TEMPLATE = re.compile(r"^PractitionerRole\?(?:[^#]*&)?practitioner=\{\{userPractitionerId\}\}(?:&|$)")
+
+
+def _practitioners_with_roles(query: PrefetchQuery, rendered: str | None, resources: Iterable[dict]) -> set[str]:
+    """Practitioners of a complete prefetched Bundle whose template revincluded their roles.
+
+    FHIR search: `_revinclude=PractitionerRole:practitioner` adds every role that references a matched Practitioner;
+    with `:iterate`, also those of included ones. The EHR executed the template, so those roles are all there.
+    """
+    match = _REVINCLUDES_ROLES.search(rendered or "")
+    if match is None:
+        return set()
+    iterate = match.group(1) is not None
+    return {
+        r["id"]
+        for r in resources
+        if r.get("resourceType") == "Practitioner"
+        and isinstance(r.get("id"), str)
+        and (iterate or query.resource_type == "Practitioner")
+    }
+
+
+def _user_roles_search_read(
+    queries: QuerySet, outcomes: Mapping[str, QueryOutcome], context: Mapping[str, Any]
+) -> str | None:
+    """The user's Practitioner id when the `PractitionerRole?practitioner={{userPractitionerId}}` search was read
+    completely (prefetch or server): all the user's roles are then in the record."""
+    user_type, _, user_id = str(context.get("userId") or "").partition("/")
+    if user_type != "Practitioner" or not user_id:
+        return None
+    for key, query in queries.queries.items():
+        outcome = outcomes.get(key)
+        if (
+            _USER_ROLES_TEMPLATE.match(query.template)
+            and outcome is not None
+            and outcome.availability is Availability.READ
+            and outcome.source in ("prefetch", "fhir-server")
+        ):
+            return user_id
+    return None
 
 
 def _with_unreadable(outcome: QueryOutcome, count: int) -> QueryOutcome:
@@ -381,6 +430,7 @@ def _resolve_references(
     now: datetime,
     deadline: float,
     unresolved: dict[str, str],
+    roles_complete: frozenset[str] | set[str] = frozenset(),
 ) -> int:
     """Fetch what the rules' references point to, in `reference_rounds` parallel rounds; return how many.
 
@@ -417,7 +467,8 @@ def _resolve_references(
             if key is None:
                 continue
             rtype, rid = key.split("/", 1)
-            if rtype == "Practitioner" and rid not in roles_requested:
+            # A practitioner whose roles are all in the record already (revincluded) needs no roles search.
+            if rtype == "Practitioner" and rid not in roles_requested and rid not in roles_complete:
                 roles_requested.add(rid)
                 if len(roles_requested) <= limits.max_reference_ids_per_type:
                     practitioners.append(rid)

@@ -40,6 +40,7 @@ from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 Resource = dict[str, Any]
 FACTS_FILE = Path(__file__).with_name("facts.yaml")
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MATCH_CACHE_LIMIT = 20_000  # code matches kept per process (a few hundred bytes each: a few MiB at most)
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
@@ -60,10 +61,21 @@ def parse_fhir_date(value: Any) -> date | None:
         return None
 
 
-class CompiledPath:
-    """A jsonpath-ng expression compiled once; `values` returns the matched values in document order."""
+_SIMPLE_PATH = re.compile(r"^\$(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\*\])*$")
+_SIMPLE_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[\*\]")
+_NOT_SET = object()
 
-    __slots__ = ("expr", "text")
+
+class CompiledPath:
+    """A jsonpath-ng expression compiled once; `values` returns the matched values in document order.
+
+    Nearly every path the mappings use is a chain of fields and `[*]` (`$.clinicalStatus.coding[*].code`): those
+    are walked directly, with jsonpath-ng's exact semantics (a field of a non-object matches nothing, a present
+    `null` matches, `[*]` yields a list's items or an object's values) at a fraction of its cost — every fact reads
+    every resource of its type through these. Anything else goes through jsonpath-ng.
+    """
+
+    __slots__ = ("expr", "steps", "text")
 
     def __init__(self, text: str, where: str) -> None:
         self.text = text
@@ -71,9 +83,34 @@ class CompiledPath:
             self.expr = jsonpath_parse(text)
         except Exception as exc:  # jsonpath-ng raises several exception types for syntax errors
             raise FactError(f"{where}: invalid jsonpath {text!r}: {exc}") from None
+        # None = `[*]`; a str = a field. Only for the plain grammar; otherwise jsonpath-ng does the walk.
+        self.steps: tuple[str | None, ...] | None = (
+            tuple(m.group(1) for m in _SIMPLE_STEP.finditer(text)) if _SIMPLE_PATH.match(text) else None
+        )
 
     def values(self, resource: Resource) -> list[Any]:
-        return [m.value for m in self.expr.find(resource)]
+        steps = self.steps
+        if steps is None:
+            return [m.value for m in self.expr.find(resource)]
+        current: list[Any] = [resource]
+        for step in steps:
+            found: list[Any] = []
+            if step is None:
+                for value in current:
+                    if isinstance(value, list | tuple):
+                        found.extend(value)
+                    elif isinstance(value, Mapping):
+                        found.extend(value.values())
+            else:
+                for value in current:
+                    if isinstance(value, Mapping):
+                        item = value.get(step, _NOT_SET)
+                        if item is not _NOT_SET:
+                            found.append(item)
+            if not found:
+                return found
+            current = found
+        return current
 
 
 def _compile_paths(raw: Any, where: str) -> tuple[CompiledPath, ...]:
@@ -578,7 +615,12 @@ class FactContext:
         self._cache: dict[str, Fact] = {}
         self._in_progress: set[str] = set()
         self._concepts: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        self._matches: dict[tuple[str, tuple[Any, ...]], CodeMatch | None] = {}
+        self._matches: dict[tuple[str, tuple[Any, ...]], CodeMatch | None] = self.registry.match_cache
+        if len(self._matches) > MATCH_CACHE_LIMIT:  # bounded: a long-running worker sees many distinct concepts
+            self._matches.clear()
+        self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
+        self._verdicts: dict[tuple[int, int], bool | None] = {}
+        self._plan: list[tuple[Resource, tuple[Any, ...] | None]] | None = None
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -643,17 +685,46 @@ class FactContext:
         """The drug concepts of a medication resource, following medicationReference through the record."""
         return medication_concepts(resource, lambda ref, holder: self.record.resolve(ref, within=holder))
 
+    def _observation_plan(self) -> list[tuple[Resource, tuple[Any, ...] | None]]:
+        """The record's Observations in order, each with its code's content key when it is a plain one (a coded
+        Observation without component or hasMember), else None (read through `readings` every time)."""
+        if self._plan is None:
+            plan: list[tuple[Resource, tuple[Any, ...] | None]] = []
+            for observation in self.record.of_type("Observation"):
+                code = observation.get("code")
+                plain = isinstance(code, Mapping) and not observation.get("component")
+                plain = plain and not observation.get("hasMember")
+                plan.append((observation, _concept_key(code) if plain else None))
+            self._plan = plan
+        return self._plan
+
+    def verdict(self, status_filter: StatusFilter, resource: Resource) -> bool | None:
+        """`status_filter.verdict` of a record resource, computed once per request (several facts share a filter).
+
+        Keyed by the ids of the filter (the library's) and of the resource (the record's): both outlive this context.
+        Conditions are seen as the filters see them (`_as_filtered`: abated means resolved).
+        """
+        key = (id(status_filter), id(resource))
+        found = self._verdicts.get(key, _NOT_SET)
+        if found is _NOT_SET:
+            found = self._verdicts[key] = status_filter.verdict(_as_filtered(resource))
+        return found  # type: ignore[return-value]
+
     def match(self, vs_id: str, concepts: list[dict[str, Any]]) -> CodeMatch | None:
-        valueset = self.registry.get(vs_id)
         for concept in concepts:
-            # Keyed by content, never by id(): concepts built on the fly (note text) are garbage collected
-            # and their ids reused, which would hand one concept another's match.
-            key = (vs_id, _concept_key(concept))
-            if key not in self._matches:
-                self._matches[key] = valueset.match_concept(concept)
-            found = self._matches[key]
+            # Matches are keyed by content, never by id(): concepts built on the fly (note text) are garbage
+            # collected and their ids reused. The content key itself is computed once per concept object: the
+            # object is held in `_concept_keys` with its key, so its id cannot be reused while this context lives.
+            entry = self._concept_keys.get(id(concept))
+            if entry is None or entry[0] is not concept:
+                entry = (concept, _concept_key(concept))
+                self._concept_keys[id(concept)] = entry
+            key = (vs_id, entry[1])
+            found = self._matches.get(key, _NOT_SET)
+            if found is _NOT_SET:
+                found = self._matches[key] = self.registry.get(vs_id).match_concept(concept)
             if found is not None:
-                return found
+                return found  # type: ignore[return-value]
         return None
 
     def item_for(
@@ -733,7 +804,7 @@ class FactContext:
                     match = match or m
             if match is None:
                 continue
-            status = definition.status_filter.verdict(_as_filtered(resource)) if definition.status_filter else True
+            status = self.verdict(definition.status_filter, resource) if definition.status_filter else True
             if status is False:
                 continue
             span, date_path = self.span(resource, shape.date)
@@ -811,15 +882,25 @@ class FactContext:
         resolve = self.resolver()
 
         def selects(concept: Mapping[str, Any]) -> bool:
-            return any(self.match(vs, [dict(concept)]) is not None for vs in definition.valuesets)
+            return any(self.match(vs, [concept]) is not None for vs in definition.valuesets)
 
         def is_panel(concept: Mapping[str, Any]) -> bool:
-            return any(self.match(vs, [dict(concept)]) is not None for vs in definition.panel)
+            return any(self.match(vs, [concept]) is not None for vs in definition.panel)
 
         items: list[Item] = []
         seen: set[str] = set()
-        for observation in self.record.of_type("Observation"):
-            status = definition.status_filter.verdict(observation) if definition.status_filter else True
+        wanted: dict[tuple[Any, ...], bool] = {}  # per distinct code: can a plain Observation with it be read here
+        for observation, code_key in self._observation_plan():
+            if code_key is not None:
+                # A plain Observation (no component, no hasMember) yields a reading only when its code is selected
+                # or is a panel carrying its own value: decided once per distinct code, not per Observation.
+                decided = wanted.get(code_key)
+                if decided is None:
+                    code = observation["code"]
+                    decided = wanted[code_key] = selects(code) or bool(definition.panel and is_panel(code))
+                if not decided:
+                    continue
+            status = self.verdict(definition.status_filter, observation) if definition.status_filter else True
             if status is False:
                 continue
             for reading in readings(observation, selects, resolve, panel=is_panel if definition.panel else None):
@@ -830,7 +911,7 @@ class FactContext:
                     continue
                 seen.add(key)
                 holder_status = (
-                    definition.status_filter.verdict(holder) if member and definition.status_filter else status
+                    self.verdict(definition.status_filter, holder) if member and definition.status_filter else status
                 )
                 if holder_status is False:
                     continue
@@ -845,7 +926,7 @@ class FactContext:
         if not isinstance(concept, Mapping):
             return None
         for vs in valuesets:
-            found = self.match(vs, [dict(concept)])
+            found = self.match(vs, [concept])
             if found is not None:
                 return found
         return None
@@ -903,7 +984,7 @@ class FactContext:
 
     def polarity(self, spec: Polarity, reading: Reading) -> PolarityReading:
         def in_sets(sets: tuple[str, ...]) -> CodeTest:
-            return lambda concept: any(self.match(vs, [dict(concept)]) is not None for vs in sets)
+            return lambda concept: any(self.match(vs, [concept]) is not None for vs in sets)
 
         def answer_words(text: str) -> bool | None:
             said = normalise(text)

@@ -157,9 +157,65 @@ def shape_problems(resource: Any, *, limit: int = MAX_PROBLEMS) -> list[str]:
         return ["resourceType: not an R4 resource type"]
     if "id" in resource and not isinstance(resource["id"], str):
         return [f"{resource_type}.id: expected a string"]
+    if _object_ok(resource, model):  # the common case, without building a path string per element
+        return []
     problems: list[str] = []
     _check_object(resource, model, resource_type, problems, limit)
     return problems
+
+
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    _STRING: (str,),
+    _BOOLEAN: (bool,),
+    _INTEGER: (int,),
+    _DECIMAL: (int, float),
+}
+
+
+@functools.cache
+def _plan(model: Any) -> dict[str, tuple[bool, tuple[type, ...] | None, Any]]:
+    """Per JSON name: (is a list, the Python types a primitive must have or None, the model of a complex element or
+    `_RESOURCE` or None) — `_elements` resolved once, so the yes/no walk does no attribute or cache lookups."""
+    plan: dict[str, tuple[bool, tuple[type, ...] | None, Any]] = {}
+    for key, element in _elements(model).items():
+        if element.kind == "complex":
+            plan[key] = (element.is_list, None, _model_of_complex(element.model))
+        elif element.kind == _RESOURCE:
+            plan[key] = (element.is_list, None, _RESOURCE)
+        else:
+            plan[key] = (element.is_list, _SCALAR_TYPES[element.kind], None)
+    return plan
+
+
+def _object_ok(value: dict[str, Any], model: Any) -> bool:
+    """True exactly when `_check_object` would find no problem (the same walk, answering only yes or no)."""
+    plan = _plan(model)
+    for key, item in value.items():
+        step = plan.get(key)
+        if step is None:
+            continue
+        is_list, scalar, inner = step
+        if is_list:
+            if not isinstance(item, list):
+                return False
+            for entry in item:
+                if entry is None and scalar is not None:
+                    continue  # null in a primitive array: its value is in `_key` (FHIR JSON)
+                if not _item_ok(entry, scalar, inner):
+                    return False
+        elif not _item_ok(item, scalar, inner):
+            return False
+    return True
+
+
+def _item_ok(item: Any, scalar: tuple[type, ...] | None, inner: Any) -> bool:
+    if scalar is not None:  # `_shape_ok` for primitives: bool is no integer or decimal
+        return isinstance(item, scalar) and (scalar[0] is bool or not isinstance(item, bool))
+    if not isinstance(item, dict):
+        return False
+    if inner is _RESOURCE:
+        return not shape_problems(item)
+    return _object_ok(item, inner)
 
 
 def _check_object(value: dict[str, Any], model: Any, path: str, problems: list[str], limit: int) -> None:

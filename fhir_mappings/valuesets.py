@@ -610,6 +610,10 @@ class ValueSetRegistry:
         self._digest = digest
         self._extensions: list[tuple[str, str, str, str | None]] = []
         self._fingerprint: str | None = None
+        # (value-set id, concept content key) -> CodeMatch | None, shared by the requests of this registry: a
+        # match depends only on the concept's content and the value set, so it is computed once per process.
+        # `extend` (site configuration) empties it; FactContext bounds its size.
+        self.match_cache: dict[tuple[str, tuple[Any, ...]], Any] = {}
 
     @classmethod
     def load(cls, directory: str | Path | None = None) -> ValueSetRegistry:
@@ -698,6 +702,7 @@ class ValueSetRegistry:
             vs._add_concept(canon, code, display, searchable=True)
             self._extensions.append((vs_id, canon, code, display))
         self._fingerprint = None
+        self.match_cache.clear()
 
     def ingredients(self, system: str, code: str) -> frozenset[str]:
         """RxNorm ingredient RxCUIs of a product or ingredient code; empty for other systems or unknown codes."""

@@ -20,6 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from sandbox.fhir_server import fhir_session
+from sandbox.includes import complete_includes
 from sandbox.scenarios import Scenario
 from sandbox.signing import SandboxKey, sign_cds_jwt
 
@@ -241,7 +242,17 @@ class EhrSimulator:
             return _OMIT
         if not is_read and resource.get("resourceType") != "Bundle":
             return _OMIT
+        if not is_read:  # a conformant EHR's search: includes assembled where the server ignores them
+            complete_includes(resource, query, self._read_json, self.fhir_base)
         return resource
+
+    def _read_json(self, query: str) -> Any:
+        """One more GET for an include (a read or a search); None when it cannot be had."""
+        try:
+            response = self._fhir.get(f"{self.fhir_base}/{query}", timeout=self.timeout)
+            return response.json() if response.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None
 
     def fire(self, scenario: Scenario, mode: Mode = "prefetch", today: date | None = None) -> FireResult:
         """Sign, POST, time the round trip (perf_counter around the POST only) and extract the decisions."""

@@ -51,7 +51,7 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
     resolve = ctx.resolver()
 
     def test(vs: str) -> Any:
-        return lambda concept: ctx.match(params[vs], [dict(concept)]) is not None
+        return lambda concept: ctx.match(params[vs], [concept]) is not None
 
     is_panel, is_sys, is_dia = test("panel"), test("systolic"), test("diastolic")
     singles: dict[tuple[str, str], dict[str, Any]] = {}
@@ -59,7 +59,7 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
     in_panels: set[str] = set()
     for obs in ctx.record.of_type("Observation"):
         code = obs.get("code")
-        verdict = status_filter.verdict(obs)
+        verdict = ctx.verdict(status_filter, obs)  # computed once per request per filter
         if not isinstance(code, Mapping) or verdict is False:
             continue
         span = event_span(obs)

@@ -82,8 +82,18 @@ def test_shipped_discovery_prefetch_uses_only_cds_hooks_tokens() -> None:
     expected_keys = set(yaml.safe_load(DEFAULT_PATH.read_text(encoding="utf-8"))["queries"])
     assert set(prefetch) == expected_keys
     assert prefetch["patient"] == "Patient/{{context.patientId}}"
-    assert prefetch["user_roles"] == "PractitionerRole?practitioner={{userPractitionerId}}"
-    allowed = {"context.patientId", "context.encounterId", "context.userId", "userPractitionerId"}
+    assert prefetch["user_roles"].startswith("PractitionerRole?practitioner={{userPractitionerId}}&_include=")
+    # the templates carry the references the facts follow, so a conformant EHR's prefetch is complete
+    assert "_revinclude:iterate=PractitionerRole:practitioner" in prefetch["encounters"]
+    assert "_include=Encounter:participant" in prefetch["encounters"]
+    # CDS Hooks 2.0 §Prefetch tokens: first-level context fields and the user identity tokens
+    allowed = {
+        "context.patientId",
+        "context.encounterId",
+        "context.userId",
+        "userPractitionerId",
+        "userPractitionerRoleId",
+    }
     for template in prefetch.values():
         assert set(re.findall(r"\{\{(.*?)\}\}", template)) <= allowed
     assert queries.queries["patient"].required and queries.queries["coverage"].required

@@ -18,6 +18,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 
 from cds_service import audit
@@ -540,6 +543,36 @@ def test_claim_jti_is_first_come_across_stores(make_store: StoreFactory) -> None
     assert worker_b.claim_jti("https://ehr.test", "jti-2", forget_after) is True
 
 
+def test_claim_jti_is_exactly_once_under_a_race_of_workers(make_store: StoreFactory) -> None:
+    """Eight stores (as eight gunicorn workers, own connections) claim the same ids at the same instant: each id
+    is claimed exactly once — also on PostgreSQL, where the claim commits with synchronous_commit=off."""
+    workers = [make_store() for _ in range(8)]
+    forget_after = time.time() + 300
+    statements: list[str] = []
+    for store in workers:
+        sa_event.listen(store._engine, "before_cursor_execute", lambda *args: statements.append(str(args[2])))
+    jtis = [f"race-{n}-{uuid.uuid4().hex}" for n in range(20)]
+    results: dict[str, list[bool]] = {jti: [] for jti in jtis}
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(workers))
+
+    def claim(store: AuditStore) -> None:
+        for jti in jtis:
+            barrier.wait()
+            won = store.claim_jti("https://ehr.test", jti, forget_after)
+            with lock:
+                results[jti].append(won)
+
+    threads = [threading.Thread(target=claim, args=(store,)) for store in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(sorted(wins) == [False] * (len(workers) - 1) + [True] for wins in results.values()), results
+    if workers[0].dialect == "postgresql":
+        assert sum("synchronous_commit = off" in s for s in statements) == len(workers) * len(jtis)
+
+
 def test_claim_jti_purges_expired_ids(make_store: StoreFactory) -> None:
     store = make_store()
     store.claim_jti("https://ehr.test", "old", time.time() - 10)
@@ -594,3 +627,33 @@ def test_sanitise_for_store_leaves_clean_values_alone() -> None:
     value = {"a": ["x", 1, 2.5, None, True, {"é": "😀"}]}
     assert audit.sanitise_for_store(value) == value
     assert audit.sanitise_for_store({"n": float("nan")}) == {"n": None}
+
+
+_payload_keys = st.sampled_from(["a", "access_token", "Authorization", "b\x00", "\ud800k", "client_secret", "x"])
+_payloads = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(alphabet=st.sampled_from(["a", "\x00", "\ud800", "é", "\udfff"]), max_size=4),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.tuples(children)
+        | st.dictionaries(_payload_keys | st.integers(0, 3), children, max_size=3)
+    ),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(payload=_payloads)
+def test_one_walk_scrubs_and_sanitises_as_the_two_did(payload: Any) -> None:
+    expected = audit.sanitise_for_store(audit.scrub_secrets(payload))
+    assert audit._scrubbed_for_store(payload) == expected
+    assert json.loads(audit._json_text(expected)) == json.loads(json.dumps(expected))
+
+
+def test_json_columns_refuse_what_the_stdlib_refuses() -> None:
+    with pytest.raises(TypeError):
+        audit._json_text({"when": datetime.now(UTC)})
+    assert json.loads(audit._json_text({"big": 10**30, 1: "x"})) == {"big": 10**30, "1": "x"}

@@ -54,3 +54,15 @@ def test_refusals_say_which_option(tmp_path: Path) -> None:
         ServiceConfig(insecure_no_auth=True, database="mysql://x").validate()
     with pytest.raises(ConfigError, match="file not found"):
         ServiceConfig(trusted_issuers=str(tmp_path / "missing.json")).validate()
+
+
+def test_default_body_limit_holds_large_records_and_reaches_the_parser(tmp_path: Path) -> None:
+    """Real charts exceed 8 MiB of prefetch: the default is 30 MiB, and the JSON limits use the configured value."""
+    from cds_service.app import create_app
+
+    assert ServiceConfig().max_body_bytes == 30 * 1024 * 1024
+    config = ServiceConfig(insecure_no_auth=True, database=f"sqlite:///{tmp_path}/a.db", max_body_bytes=12_345_678)
+    app = create_app(config)
+    state = app.extensions["ketamine_cds"]
+    assert state.json_limits.max_bytes == 12_345_678 and app.config["MAX_CONTENT_LENGTH"] == 12_345_678
+    state.audit.close()

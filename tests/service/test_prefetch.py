@@ -171,10 +171,11 @@ def test_no_prefetch_at_all_fetches_every_query(
     record = gather(queries, client, None)
 
     fetched_paths = {urlsplit(u).path.rsplit("/", 1)[-1] for u in urls(mocked)}
-    assert len(mocked.calls) == len(queries.queries) - 1  # user_roles: no user in context, not applicable
+    # user_roles, user_role: no user in context, not applicable
+    assert len(mocked.calls) == len(queries.queries) - 2
     assert "Observation" in fetched_paths and PATIENT in fetched_paths
     assert all(q.availability is Availability.READ for q in record.queries.values())
-    assert record.queries["user_roles"].source == "none"
+    assert record.queries["user_roles"].source == "none" and record.queries["user_role"].source == "none"
 
 
 def test_null_is_read_with_no_data_and_no_request(
@@ -375,7 +376,7 @@ def test_partial_prefetch_is_merged_with_parallel_fetches(
     fetched = [k for k, q in record.queries.items() if q.source == "fhir-server"]
     print(f"\n{len(fetched)} missing queries x 0.2 s gathered in {elapsed:.3f} s")
 
-    assert len(fetched) == len(queries.queries) - 3  # patient, coverage prefetched; user_roles not applicable
+    assert len(fetched) == len(queries.queries) - 4  # patient, coverage prefetched; user_roles, user_role n/a
     assert record.queries["patient"].source == "prefetch" and record.queries["coverage"].source == "prefetch"
     assert all(q.availability is Availability.READ for q in record.queries.values())
     assert record.get("Observation/Observation-1") is not None and record.get("Coverage/cov-1") is not None
@@ -496,10 +497,14 @@ def test_user_roles_are_queried_for_a_practitioner_user(
     record = gather(queries, client, full_prefetch(queries, user_roles=ABSENT), context=context)
 
     first = parse_qs(urlsplit(mocked.calls[0].request.url).query)
-    assert first == {"practitioner": ["u1"], "_count": ["1000"]}
+    assert first["practitioner"] == ["u1"] and first["_count"] == ["1000"]
+    assert "PractitionerRole:practitioner" in first["_include"]  # a conformant server sends the Practitioner too
     assert record.queries["user_roles"].source == "fhir-server"
     assert record.get("PractitionerRole/role-u1") is not None and record.get("Practitioner/u1") is not None
     assert record.encounter_id == "enc-1"
+    # The user's roles were read by that search: not searched a second time while resolving references.
+    role_searches = [c for c in mocked.calls if urlsplit(c.request.url).path.endswith("/PractitionerRole")]
+    assert len(role_searches) == 1
 
 
 # -- reference resolution ------------------------------------------------------------------------------------
@@ -570,8 +575,9 @@ def test_references_resolve_requester_role_practitioner_roles_and_their_organiza
         "Practitioner?_id=doc-2&_count=1",
         "Practitioner?_id=u1,doc-1&_count=2",
         "PractitionerRole?_id=req-role&_count=1",
+        # not u1: the user's roles came with the `user_roles` prefetch (an empty searchset: none)
+        "PractitionerRole?practitioner=doc-1&_count=1000",
         "PractitionerRole?practitioner=doc-2&_count=1000",
-        "PractitionerRole?practitioner=u1,doc-1&_count=1000",
     ]
     assert record.get("Practitioner/doc-2") is not None
     assert record.get("PractitionerRole/req-role") == req_role
