@@ -68,8 +68,8 @@ AUDIT_QUEUE_READY_SHARE = 0.5
 def json_formatter() -> logging.Formatter:
     """Every log line one JSON object: time (UTC, ISO 8601), level, logger, message, plus any `extra` fields."""
     return JsonFormatter(
-        "%(levelname)s %(name)s %(message)s",
-        rename_fields={"levelname": "level", "name": "logger"},
+        "%(levelname)s %(name)s %(process)d %(message)s",
+        rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
         timestamp="time",
     )
 
