@@ -127,7 +127,7 @@ class Gunicorn:
             "KETAMINE_CDS_DATABASE": database,
         }
         gunicorn = Path(sys.executable).with_name("gunicorn")
-        command = [str(gunicorn), "--bind", f"127.0.0.1:{self.port}", "--worker-class", "gthread"]
+        command = [str(gunicorn), "-c", "python:cds_service.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}"]
         command += ["--workers", str(workers), "--threads", "4", "--timeout", "60", "cds_service.wsgi:app"]
         self.process = subprocess.Popen(
             command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True

@@ -110,7 +110,7 @@ def test_an_evaluated_call_logs_one_line_without_phi_or_token(service, caplog: p
         answer = service.post_hook(_base_request(base), headers={"X-Request-ID": "req-7f3a"})
     assert answer.status_code == 200 and answer.headers["X-Request-ID"] == "req-7f3a"
     (line,) = _call_lines(caplog)
-    assert set(line) - {"time", "level", "logger", "message"} <= set(CALL_LOG_FIELDS)
+    assert set(line) - {"time", "level", "logger", "pid", "message"} <= set(CALL_LOG_FIELDS)
     assert line["request_id"] == "req-7f3a" and line["status"] == 200 and line["outcome"] == "evaluated"
     assert line["decisions"] == ["likely-authorized"] and line["endpoint"] == "/cds-services/ketamine-prior-auth"
     assert {"parse", "auth", "fhir_fetch", "evaluation"} <= set(line["stages_ms"])
