@@ -87,7 +87,7 @@ def test_a_store_at_an_unknown_revision_is_refused(
     with engine.begin() as connection:
         connection.execute(text(f"UPDATE {table} SET version_num = '0007_from_a_newer_release'"))
     engine.dispose()
-    with pytest.raises(AuditStoreError, match="schema revision '0007_from_a_newer_release'.* does not know"):
+    with pytest.raises(AuditStoreError, match=r"schema revision '0007_from_a_newer_release'.* does not know"):
         AuditStore(url, schema=schema)
     if schema is None:  # the start-up check turns it into the one line before the port is bound
         with pytest.raises(SystemExit):
