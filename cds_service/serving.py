@@ -91,6 +91,13 @@ def check_before_bind(
                 f"{', '.join(binds)}: callers' JWT `aud` would have to be {config.base_url}/cds-services/...; "
                 "set it to the URL clients use"
             )
+        if log is not None:  # safe on loopback, but a proxy in front would need it: say what `aud` must be
+            log.warning(
+                "%s is not set: callers' JWT `aud` must be %s/cds-services/...; set it if clients reach the "
+                "service through another URL",
+                env_name("public_base_url"),
+                config.base_url,
+            )
     if not mappings_checked:
         from cds_service.reload import check_mappings
 
