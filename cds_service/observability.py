@@ -57,6 +57,7 @@ CALL_LOG_FIELDS = (
     "remote_addr",
 )
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")  # what proxies and load balancers send; anything else: new id
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
 _PROBES = {"/healthz", "/readyz", "/metrics"}  # logged at DEBUG: orchestrators call them every few seconds
 #: /readyz answers 503 once the audit queue holds more than this share of its capacity (the writer is behind).
@@ -283,7 +284,9 @@ def _observe(state: ServiceState, status: int) -> None:
             outcome = result.kind if result else outcome
         elif status == 200:
             outcome = "stored"
-        line["hook_instance"] = result.hook_instance if result else trace.hook_instance
+        hook_instance = result.hook_instance if result else trace.hook_instance
+        # A UUID only: a lenient or refused call may carry any text there, and text could be anything.
+        line["hook_instance"] = hook_instance if hook_instance and _UUID.fullmatch(hook_instance) else None
         decisions = [summary["outcome"] for summary in result.decision_summaries] if result else []
         line["decisions"] = decisions
         line["stages_ms"] = {stage: round(seconds * 1000, 1) for stage, seconds in trace.stages.items()}

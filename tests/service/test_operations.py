@@ -128,9 +128,13 @@ def test_a_refused_call_logs_which_field(service, caplog: pytest.LogCaptureFixtu
     answer = service.post_hook(order_sign_request([order], patient_id="pat-9931"))
     assert answer.status_code == 422
     (line,) = _call_lines(caplog)
-    assert line["status"] == 422 and line["outcome"] == "refused"
+    assert line["status"] == 422 and line["outcome"] == "refused" and len(line["hook_instance"]) == 36
     assert line["reason"] == "context.draftOrders.entry[0].resource: MedicationRequest.category: expected an array"
     assert "pat-9931" not in json.dumps(line)
+    body = order_sign_request([order], patient_id="pat-9931")
+    body["hookInstance"] = "Jane Roe 1961-02-03"  # not a UUID: whatever it says stays out of the log
+    assert service.post_hook(body).status_code == 422
+    assert _call_lines(caplog)[-1]["hook_instance"] is None
 
 
 def test_traceparent_is_honoured_and_echoed(service, caplog: pytest.LogCaptureFixture) -> None:
