@@ -28,6 +28,7 @@ _METRIC_FILES = ("counter_*.db", "gauge_*.db", "histogram_*.db", "summary_*.db")
 def fail(reason: str) -> NoReturn:
     """The one line a refused start-up prints (stderr), then exit status 2."""
     print(f"ketamine-cds: not starting: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+    _on_exit(None)  # gunicorn's on_exit does not run for a start refused in on_starting
     raise SystemExit(2)
 
 

@@ -31,9 +31,11 @@ def _environment(tmp_path: Path, **variables: str) -> dict[str, str]:
 
 def _refused(tmp_path: Path, extra: list[str] | None = None, **variables: str) -> list[str]:
     """Run the recipe expecting a refusal; the output lines."""
+    metrics_root = tmp_path / "tmp"  # the process's TMPDIR: where its metrics directory would be made
+    metrics_root.mkdir(exist_ok=True)
     done = subprocess.run(
         [*RECIPE, *(extra or [])],
-        env=_environment(tmp_path, **variables),
+        env={**_environment(tmp_path, **variables), "TMPDIR": str(metrics_root)},
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -41,6 +43,7 @@ def _refused(tmp_path: Path, extra: list[str] | None = None, **variables: str) -
     )
     lines = (done.stdout + done.stderr).splitlines()
     assert done.returncode == 2, lines
+    assert not list(metrics_root.glob("ketamine-cds-metrics-*")), "the refused start left its metrics directory"
     assert not any("Listening at" in line or "Traceback" in line for line in lines), lines
     return lines
 
