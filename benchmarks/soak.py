@@ -125,6 +125,7 @@ class Gunicorn:
             "KETAMINE_CDS_TRUSTED_ISSUERS": str(workdir / "trusted-issuers.json"),
             "KETAMINE_CDS_PUBLIC_BASE_URL": self.base_url,
             "KETAMINE_CDS_DATABASE": database,
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),  # inside workdir: a SIGKILLed run leaves nothing
         }
         gunicorn = Path(sys.executable).with_name("gunicorn")
         command = [str(gunicorn), "-c", "python:cds_service.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}"]
