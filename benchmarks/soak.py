@@ -125,9 +125,10 @@ class Gunicorn:
             "KETAMINE_CDS_TRUSTED_ISSUERS": str(workdir / "trusted-issuers.json"),
             "KETAMINE_CDS_PUBLIC_BASE_URL": self.base_url,
             "KETAMINE_CDS_DATABASE": database,
+            "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),  # inside workdir: a SIGKILLed run leaves nothing
         }
         gunicorn = Path(sys.executable).with_name("gunicorn")
-        command = [str(gunicorn), "--bind", f"127.0.0.1:{self.port}", "--worker-class", "gthread"]
+        command = [str(gunicorn), "-c", "python:cds_service.gunicorn_conf", "--bind", f"127.0.0.1:{self.port}"]
         command += ["--workers", str(workers), "--threads", "4", "--timeout", "60", "cds_service.wsgi:app"]
         self.process = subprocess.Popen(
             command, env=env, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True

@@ -31,6 +31,7 @@ from cds_service.feedback import parse_feedback
 from cds_service.fhir_client import FhirClient
 from cds_service.hook import CallTrace, HookOutcome, handle_order_sign
 from cds_service.hook_request import ORDER_TYPES, JsonLimits, parse_json, warm_up_fhir_models
+from cds_service.observability import install as install_observability
 from fhir_mappings.mappings import Mappings
 from fhir_mappings.resource_shapes import warm_up as warm_up_shapes
 from fhir_mappings.validation import load_validated
@@ -148,6 +149,7 @@ def create_app(
         allow_private_network=True,
     )
     _register_routes(app, state)
+    install_observability(app, state)  # request ids, the call's JSON log line, metrics, /readyz, /metrics
     _register_errors(app)
     if floor_enabled():  # `ketamine-cds bench` only: the bare endpoint its ratios are measured against
         register_floor(app)
@@ -181,7 +183,8 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
     @app.post(f"/cds-services/{SERVICE_ID}")
     def order_sign() -> Response:
         pending = _begin_audit("hook")
-        pending.caller = _authenticate(state, f"/cds-services/{SERVICE_ID}")  # before the body is even read
+        with pending.trace.timed("auth"):
+            pending.caller = _authenticate(state, f"/cds-services/{SERVICE_ID}")  # before the body is even read
         raw = _read_body()
         pending.outcome = handle_order_sign(state, raw, pending.caller, pending.trace)
         return jsonify(pending.outcome.response)
@@ -211,6 +214,7 @@ def _register_routes(app: Flask, state: ServiceState) -> None:
 
     @app.get("/healthz")
     def health() -> Response:
+        """Liveness: the process answers. Whether it can serve correctly is /readyz."""
         return jsonify(
             {
                 "status": "ok",
@@ -294,6 +298,7 @@ def _write_audit(state: ServiceState, pending: PendingAudit, status: int) -> Non
 
 
 def _note_error(message: str) -> None:
+    g.call_error = message[:500]  # the reason in the call's log line (every endpoint, audited or not)
     pending: PendingAudit | None = g.get("pending_audit")
     if pending is not None:
         pending.error = message[:500]

@@ -28,6 +28,7 @@ import queue
 import re
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateSchema
+
+from cds_service import migrations
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +450,10 @@ class AuditStore:
                         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_DDL_LOCK_KEY})
                         if self._schema is not None:
                             connection.execute(CreateSchema(self._schema, if_not_exists=True))
-                    self._metadata.create_all(connection, checkfirst=True)
+                    try:  # the versioned schema (Alembic): a store of an earlier release is upgraded
+                        migrations.upgrade_connection(connection, self._schema)
+                    except migrations.UnknownRevision as exc:
+                        raise AuditStoreError(f"{self._safe_url}: {exc}") from None
                 return
             except sa_exc.SQLAlchemyError as exc:  # another process won a CREATE race, or we cannot connect
                 last_error = exc
@@ -498,6 +504,27 @@ class AuditStore:
         """Call records the database refused (after retries); each was logged without its content."""
         with self._state:
             return self._failed
+
+    @property
+    def queue_depth(self) -> int:
+        """Call records queued and not yet written (readiness, metrics)."""
+        with self._state:
+            return self._pending
+
+    @property
+    def queue_capacity(self) -> int:
+        return self._queue_size
+
+    def check_writable(self) -> str | None:
+        """None when the database accepts a write now (a probe row inserted and rolled back), else why not."""
+        probe = self._jwt_ids.insert().values(issuer="readiness-probe", jti=uuid.uuid4().hex, forget_after=0.0)
+        try:
+            with self._memory_lock, self._engine.connect() as connection, connection.begin() as transaction:
+                connection.execute(probe)
+                transaction.rollback()
+        except sa_exc.SQLAlchemyError as exc:
+            return self._explain(exc)
+        return None
 
     def record_call(self, record: HookCallRecord) -> None:
         """Audit one call. Asynchronous mode only enqueues (microseconds) and never raises or blocks.

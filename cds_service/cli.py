@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any
 
-from cds_service.config import ConfigError, ServiceConfig, add_arguments, config_from
+from cds_service.config import ConfigError, ServiceConfig, add_arguments, check_environment, config_from
 
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        check_environment()  # a typo in a KETAMINE_CDS_* name must not fall back to a default silently
         config = config_from({k: v for k, v in vars(args).items() if k not in ("command", "func")}).validate()
     except ConfigError as exc:
         print(f"ketamine-cds serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cds_service.serving import prepare_metrics_dir
+
+    prepare_metrics_dir()  # before prometheus_client is imported: workers inherit multiprocess mode
+    from cds_service.observability import configure_logging
+
+    configure_logging(config.log_level)
     from fhir_mappings.validation import validate
 
     problems = validate(site_config=config.site_config)  # before the port is bound: the same lines as `validate`
@@ -29,42 +34,48 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def run_gunicorn(config: ServiceConfig) -> None:
-    """Serve the app with gunicorn (threaded workers): a real WSGI server also for `serve` on a laptop."""
+    """Serve the app with gunicorn, with the settings a user's own gunicorn gets (`cds_service.gunicorn_conf`)."""
     from gunicorn.app.base import BaseApplication
 
-    from cds_service.reload import forward_hup_to_workers, install_sighup
+    from cds_service.serving import settings
 
     class Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            settings = {
-                "bind": f"{config.host}:{config.port}",
-                "workers": config.workers,
-                "threads": config.threads,
-                "worker_class": "gthread",
-                "timeout": 30,
-                "graceful_timeout": 10,
-                "keepalive": 5,
-                "accesslog": "-",
-                # Paths and status only: query strings are not part of our URLs, bodies never logged.
-                "access_log_format": '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(M)sms',
-                "errorlog": "-",
-                "loglevel": config.log_level.lower(),
-            }
-            for key, value in settings.items():
+            for key, value in settings(config, mappings_checked=True).items():
                 self.cfg.set(key, value)
-            self.cfg.set("when_ready", forward_hup_to_workers)  # HUP: check the mappings, reload workers in place
             self.ketamine_site_config = config.site_config
 
         def load(self) -> Any:
             from cds_service.app import create_app
-            from cds_service.runtime import tune_gc_after_startup
+            from cds_service.reload import install_sighup
 
             app = create_app(config)
             install_sighup(app)
-            tune_gc_after_startup()  # start-up objects leave the collector's scans; collections scale with a call
             return app
 
     Server().run()
+
+
+def _db(args: argparse.Namespace) -> int:
+    """`ketamine-cds db upgrade|current`: the audit store's schema revision (Alembic)."""
+    from cds_service import migrations
+    from cds_service.audit import AuditStoreError
+
+    try:
+        check_environment()
+        database = config_from({"database": args.database}).database
+        if args.action == "upgrade":
+            before, after = migrations.upgrade(database)
+            print(f"audit store at revision {after} (was {before or 'not versioned'})")
+        else:
+            current = migrations.current(database)
+            head = migrations.head()
+            state = "up to date" if current == head else f"head is {head}: run `ketamine-cds db upgrade`"
+            print(f"audit store at revision {current or 'none (not versioned)'}; {state}")
+    except (ConfigError, AuditStoreError) as exc:
+        print(f"ketamine-cds db: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the CDS Hooks service (gunicorn)")
     add_arguments(serve)
     serve.set_defaults(func=_serve)
+    db = sub.add_parser("db", help="audit store schema: upgrade to this version's revision, or show the current one")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--database", default=None, help="database URL (env KETAMINE_CDS_DATABASE)")
+    db.set_defaults(func=_db)
     try:
         from sandbox.cli import register
     except ImportError:  # the sandbox extra is not installed
@@ -85,9 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         register_tools = None
     if register_tools is not None:
         register_tools(sub)
-    from cds_service.bench import register as register_bench
-
-    register_bench(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -7,6 +7,8 @@ the gunicorn entry point (`cds_service.wsgi`) and the tests all use, so they can
 from __future__ import annotations
 
 import argparse
+import difflib
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -14,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "KETAMINE_CDS_"
+#: `KETAMINE_CDS_*` families read by the tests, benchmarks and sandbox tools, never by the service itself.
+TOOL_ENV_PREFIXES = ("KETAMINE_CDS_REQUIRE_", "KETAMINE_CDS_TEST_", "KETAMINE_CDS_SAFETY_", "KETAMINE_CDS_SANDBOX_")
+TOOL_ENV_PREFIXES += ("KETAMINE_CDS_BENCH_",)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -79,7 +84,11 @@ class ServiceConfig:
     max_json_depth: int = field(default=64, metadata={"help": "deepest JSON nesting accepted (413 above)"})
     workers: int = field(default=2, metadata={"help": "gunicorn worker processes"})
     threads: int = field(default=8, metadata={"help": "threads per gunicorn worker"})
-    log_level: str = field(default="INFO", metadata={"help": "logging level"})
+    log_level: str = field(default="INFO", metadata={"help": "logging level (DEBUG, INFO, WARNING, ERROR)"})
+    proxies: int = field(
+        default=0,
+        metadata={"help": "reverse proxies in front of the service whose X-Forwarded-* headers are trusted"},
+    )
 
     @property
     def base_url(self) -> str:
@@ -107,6 +116,15 @@ class ServiceConfig:
             or self.database.startswith("postgresql+psycopg://")
         ):
             raise ConfigError("--database: expected sqlite:///path or postgresql://user@host:port/db")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(f"--log-level: expected DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.proxies < 0:
+            raise ConfigError("--proxies must be 0 or more")
+        if self.insecure_no_auth and not is_loopback(self.host):
+            raise ConfigError(
+                f"--insecure-no-auth refuses to listen on {self.host}: without authentication the service may only "
+                "listen on loopback (127.0.0.1, ::1, localhost)"
+            )
         if self.fhir_timeout <= 0 or self.fetch_budget <= 0:
             raise ConfigError("--fhir-timeout and --fetch-budget must be positive")
         if min(self.fhir_concurrency, self.fhir_page_size, self.max_body_bytes, self.max_json_depth) < 1:
@@ -114,6 +132,29 @@ class ServiceConfig:
                 "--fhir-concurrency, --fhir-page-size, --max-body-bytes and --max-json-depth must be at least 1"
             )
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (a unix socket path counts as local)."""
+    host = host.strip("[]")
+    if host == "localhost" or host.startswith(("unix:", "/")):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse `KETAMINE_CDS_*` variables no option reads: a typo (`KETAMINE_CDS_DATABSE`) would otherwise
+    silently fall back to the default (an audit trail written to ./ketamine-cds.db)."""
+    environ = os.environ if environ is None else environ
+    known = [env_name(f.name) for f in fields(ServiceConfig)]
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known and not name.startswith(TOOL_ENV_PREFIXES):
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(known)}"
+            raise ConfigError(f"unknown environment variable {name}{hint}")
 
 
 def _option_name(field_name: str) -> str:

@@ -23,7 +23,8 @@ from cds_service.hook_request import (
     validate_orders_fhir,
     validate_request,
 )
-from cds_service.prefetch import FhirAccess, gather_record
+from cds_service.observability import timed
+from cds_service.prefetch import FhirAccess, RequiredDataUnavailable, gather_record
 from fhir_mappings.model import Decision
 from fhir_mappings.record import reference_key
 from fhir_mappings.resource_shapes import shape_problems
@@ -56,6 +57,11 @@ class CallTrace:
     patient_id: str | None = None
     user_id: str | None = None
     fhir_server: str | None = None
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (metrics, the call's log line)
+    fetch_reasons: list[str] = field(default_factory=list)  # why queries sent to the FHIR server were not read
+
+    def timed(self, stage: str) -> Any:
+        return timed(self.stages, stage)
 
     def saw_body(self, body: Any) -> None:
         value = body.get("hookInstance") if isinstance(body, dict) else None
@@ -70,7 +76,8 @@ def handle_order_sign(
     state: ServiceState, raw: bytes, caller: Caller | None, trace: CallTrace | None = None
 ) -> HookOutcome:
     trace = trace if trace is not None else CallTrace()
-    body = normalise_body(parse_json(raw, state.json_limits), lenient=state.config.lenient)
+    with trace.timed("parse"):
+        body = normalise_body(parse_json(raw, state.json_limits), lenient=state.config.lenient)
     trace.saw_body(body)
     version = requested_version(body)  # 422 for a CRD version this service does not serve
     try:
@@ -81,7 +88,8 @@ def handle_order_sign(
 
 
 def _order_sign(state: ServiceState, body: Any, caller: Caller | None, version: str, trace: CallTrace) -> HookOutcome:
-    req = validate_request(body, lenient=state.config.lenient)
+    with trace.timed("parse"):
+        req = validate_request(body, lenient=state.config.lenient)
     trace.saw_request(req)
     groups = state.mappings.triage(req.draft_orders, _known_medications(req))
     if not groups:
@@ -91,28 +99,22 @@ def _order_sign(state: ServiceState, body: Any, caller: Caller | None, version: 
     validate_orders_fhir([o.resource for o in evaluated], {o.ref: o.index for o in evaluated})
     now = state.clock()
     fhir = _fhir_access(state, req, caller)
-    record = gather_record(
-        queries=state.mappings.queries,
-        context=req.context,
-        prefetch=req.prefetch,
-        fhir=fhir,
-        client=state.fhir,
-        now=now,
-        deadline=time.monotonic() + state.config.fetch_budget,
-        draft_orders=req.draft_orders,
-    )
-    decisions = state.mappings.decide(record, groups)
+    with trace.timed("fhir_fetch"):
+        record = _gather(state, req, fhir, now, trace)
+    with trace.timed("evaluation"):
+        decisions = state.mappings.decide(record, groups)
     refuse_unhandled_coverage(version, decisions)  # CRD 2.2 hook-13: 400 when the payer is not handled here
-    response = build_response(
-        decisions,
-        req.draft_orders,
-        hook_instance=req.hook_instance,
-        patient_id=req.patient_id,
-        user_id=req.user_id,
-        today=now.date(),
-        configuration=req.configuration,
-        crd_version=version,
-    )
+    with trace.timed("render"):
+        response = build_response(
+            decisions,
+            req.draft_orders,
+            hook_instance=req.hook_instance,
+            patient_id=req.patient_id,
+            user_id=req.user_id,
+            today=now.date(),
+            configuration=req.configuration,
+            crd_version=version,
+        )
     return HookOutcome(
         kind="evaluated",
         response=response,
@@ -122,6 +124,26 @@ def _order_sign(state: ServiceState, body: Any, caller: Caller | None, version: 
         fhir_server=req.fhir_server,
         decision_summaries=[_summary(d) for d in decisions],
     )
+
+
+def _gather(state: ServiceState, req: HookRequest, fhir: FhirAccess | None, now: Any, trace: CallTrace) -> Any:
+    """The record; what the FHIR server could not give is noted on the trace (PHI-free reasons, for metrics)."""
+    try:
+        record = gather_record(
+            queries=state.mappings.queries,
+            context=req.context,
+            prefetch=req.prefetch,
+            fhir=fhir,
+            client=state.fhir,
+            now=now,
+            deadline=time.monotonic() + state.config.fetch_budget,
+            draft_orders=req.draft_orders,
+        )
+    except RequiredDataUnavailable as exc:
+        trace.fetch_reasons.extend(exc.reasons.values())
+        raise
+    trace.fetch_reasons.extend(o.reason for o in record.queries.values() if o.source != "prefetch" and o.reason)
+    return record
 
 
 def _summary(decision: Decision) -> dict[str, Any]:

@@ -8,7 +8,7 @@ refused, logged in one line, and the old set keeps serving.
 
 Under gunicorn the master would normally answer HUP by restarting the workers (which would then refuse to
 boot on a broken set). `forward_hup_to_workers` (a gunicorn `when_ready` hook: `ketamine-cds serve` sets it;
-with your own gunicorn use `-c python:cds_service.reload`) makes the master check the new set once and, if it is
+with your own gunicorn use `-c python:cds_service.gunicorn_conf`) makes the master check the new set once and, if it is
 valid, pass HUP on to the workers, each of which reloads in place.
 """
 
@@ -107,5 +107,5 @@ def forward_hup_to_workers(server: Any) -> None:
     server.handle_hup = handle_hup
 
 
-# `gunicorn -c python:cds_service.reload 'cds_service.wsgi:app'` picks this up as its when_ready hook.
+# `gunicorn -c python:cds_service.reload` (older recipe) still picks this up; `cds_service.gunicorn_conf` sets it too.
 when_ready = forward_hup_to_workers

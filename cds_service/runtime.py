@@ -1,4 +1,4 @@
-"""Process settings for a serving worker, applied once the app is built (`ketamine-cds serve`, `cds_service.wsgi`).
+"""Process settings for a serving worker, applied once it has built the app (`post_worker_init`, cds_service.serving).
 
 The garbage collector is tuned because a hook call allocates in proportion to its record (a 10,000-resource prefetch
 is about a million objects, nearly all acyclic and freed by reference counting): with CPython's default thresholds

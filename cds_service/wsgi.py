@@ -1,7 +1,9 @@
-"""WSGI entry point for production servers: `gunicorn 'cds_service.wsgi:app'`.
+"""WSGI entry point for production servers: `gunicorn -c python:cds_service.gunicorn_conf 'cds_service.wsgi:app'`.
 
 Configuration comes from `KETAMINE_CDS_*` environment variables (the same names as the `serve` flags),
-so the process manager owns the settings and no file is edited per deployment.
+so the process manager owns the settings and no file is edited per deployment. With the configuration file
+(`cds_service.gunicorn_conf`) everything is checked once in gunicorn's master before the port is bound; without
+it, each worker checks here and exits with one line.
 """
 
 from __future__ import annotations
@@ -9,17 +11,30 @@ from __future__ import annotations
 import logging
 import sys
 
-from cds_service.app import create_app
-from cds_service.config import config_from
-from cds_service.reload import install_sighup
-from cds_service.runtime import tune_gc_after_startup
+from cds_service import serving
+from cds_service.audit import AuditStoreError
+from cds_service.config import ConfigError, check_environment, config_from
+from cds_service.observability import configure_logging
+from cds_service.reload import _one_line, install_sighup
 from fhir_mappings.validation import MappingsInvalid
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 try:
-    app = create_app(config_from())
-except MappingsInvalid as exc:  # the same file:line:column lines as `ketamine-cds mappings validate`
-    print(str(exc), file=sys.stderr)
-    raise SystemExit(2) from None
-install_sighup(app)  # kill -HUP reloads the mappings (with `-c python:cds_service.reload`, gunicorn's HUP too)
-tune_gc_after_startup()  # as `ketamine-cds serve`: start-up frozen out of GC scans, collections scale with a call
+    check_environment()
+    _config = config_from().validate()
+except ConfigError as exc:
+    serving.fail(str(exc))
+if not logging.getLogger().handlers:  # gunicorn with our configuration has set up JSON logging already
+    configure_logging(_config.log_level)
+if "gunicorn" in sys.modules and not serving.CONFIGURED:
+    logging.getLogger("ketamine_cds").warning(
+        "gunicorn was started without `-c python:cds_service.gunicorn_conf`: no start-up checks before the port "
+        "is bound, gunicorn's own defaults, and /metrics covers only the worker that answers"
+    )
+
+from cds_service.app import create_app
+
+try:
+    app = create_app(_config)
+except (MappingsInvalid, AuditStoreError) as exc:
+    serving.fail(str(exc) if isinstance(exc, AuditStoreError) else f"the mapping set is invalid: {_one_line(exc)}")
+install_sighup(app)  # kill -HUP reloads the mappings (with the configuration file, gunicorn's HUP too)

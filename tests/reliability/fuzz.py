@@ -7,6 +7,7 @@ nothing (random JSON, raw bytes) or from a valid request (`corpus`) and breaks o
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import Counter
@@ -169,7 +170,9 @@ def mutated_requests(
             continue  # an earlier mutation removed or replaced what this path led to
         op = draw(st.sampled_from(["replace", "replace", "delete", "wrap", "unwrap", "null"]))
         if op == "replace":
-            set_at(body, path, draw(values))
+            # A copy: sampled values ([], {"a": 1}) are shared objects, and a later mutation may write into one —
+            # which changed what later examples drew (hypothesis: FlakyStrategyDefinition).
+            set_at(body, path, copy.deepcopy(draw(values)))
         elif op == "delete":
             delete_at(body, path)
         elif op == "wrap":
