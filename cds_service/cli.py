@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         register_tools = None
     if register_tools is not None:
         register_tools(sub)
+    from cds_service.bench import register as register_bench
+
+    register_bench(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
