@@ -26,7 +26,6 @@ from sqlalchemy import exc as sa_exc
 from cds_service import audit
 from cds_service.audit import AuditStore, AuditStoreError, FeedbackItem, HookCallRecord, normalise_database_url
 
-POSTGRES_URL = os.environ.get("KETAMINE_CDS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PATIENT_ID = "patient-4711-phi"  # must never show up in a log line
 
 StoreFactory = Callable[..., AuditStore]
@@ -79,19 +78,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 
 # --------------------------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """The test server's URL; skip PostgreSQL tests if it is not running (fail if told it must be)."""
-    try:
-        with psycopg.connect(POSTGRES_URL, connect_timeout=3) as connection:
-            connection.execute("SELECT 1")
-    except psycopg.OperationalError as exc:
-        if os.environ.get("KETAMINE_CDS_REQUIRE_POSTGRES"):
-            raise
-        pytest.skip(f"PostgreSQL not reachable at {audit.redact_url(POSTGRES_URL)}: {type(exc).__name__}")
-    return POSTGRES_URL
 
 
 @pytest.fixture

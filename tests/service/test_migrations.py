@@ -18,7 +18,7 @@ from cds_service import migrations, serving
 from cds_service.audit import AuditStore, AuditStoreError, _build_tables, normalise_database_url
 from cds_service.cli import main
 from cds_service.config import ServiceConfig
-from tests.service.test_audit import make_record, postgres_schema, postgres_url  # noqa: F401  (fixtures)
+from tests.service.test_audit import make_record, postgres_schema  # noqa: F401  (fixture)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
