@@ -378,22 +378,13 @@ def _check_walk(document: Any, limits: JsonLimits) -> None:
         values += 1
         if isinstance(value, str):
             _check_string(value, max_string)
-        elif isinstance(value, dict):
+        elif isinstance(value, dict | list):
             if depth > max_depth:
                 raise JsonInputError(413, f"nested deeper than {max_depth} levels")
-            for key, item in value.items():
-                _check_string(key, max_string)
-                if isinstance(item, dict | list):
-                    stack.append((item, depth + 1))
-                elif isinstance(item, str):
-                    values += 1
-                    _check_string(item, max_string)
-                else:
-                    values += 1
-        elif isinstance(value, list):
-            if depth > max_depth:
-                raise JsonInputError(413, f"nested deeper than {max_depth} levels")
-            for item in value:
+            is_object = isinstance(value, dict)
+            for key, item in value.items() if is_object else enumerate(value):
+                if is_object:
+                    _check_string(key, max_string)
                 if isinstance(item, dict | list):
                     stack.append((item, depth + 1))
                 elif isinstance(item, str):
