@@ -169,19 +169,25 @@ def mutated_requests(
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed or replaced what this path led to
         op = draw(st.sampled_from(["replace", "replace", "delete", "wrap", "unwrap", "null"]))
-        if op == "replace":
-            # A copy: sampled values ([], {"a": 1}) are shared objects, and a later mutation may write into one —
-            # which changed what later examples drew (hypothesis: FlakyStrategyDefinition).
-            set_at(body, path, copy.deepcopy(draw(values)))
-        elif op == "delete":
-            delete_at(body, path)
-        elif op == "wrap":
-            set_at(body, path, [current])
-        elif op == "unwrap" and isinstance(current, list) and current:
-            set_at(body, path, current[0])
-        else:
-            set_at(body, path, None)
+        mutate(body, path, op, current, lambda: draw(values))
     return dumps(body)
+
+
+def mutate(body: Any, path: Path, op: str, current: Any, replacement: Any) -> None:
+    """Apply one mutation at `path`: replace (with `replacement()`), delete, wrap in / unwrap from a list, or
+    null (also what an unwrap of anything but a non-empty list becomes)."""
+    if op == "replace":
+        # A copy: sampled values ([], {"a": 1}) are shared objects, and a later mutation may write into one —
+        # which changed what later examples drew (hypothesis: FlakyStrategyDefinition).
+        set_at(body, path, copy.deepcopy(replacement()))
+    elif op == "delete":
+        delete_at(body, path)
+    elif op == "wrap":
+        set_at(body, path, [current])
+    elif op == "unwrap" and isinstance(current, list) and current:
+        set_at(body, path, current[0])
+    else:
+        set_at(body, path, None)
 
 
 # -- invalid FHIR in every resource type the service reads ------------------------------------------------
@@ -220,19 +226,9 @@ def invalid_fhir(draw: st.DrawFn) -> tuple[str, bytes]:
     path = draw(st.sampled_from(resource_paths()[rtype]))
     body = base("ketamine-prefetch")
     op = draw(st.sampled_from(["wrong-type", "wrong-type", "delete", "wrap", "unwrap", "null", "bad-text"]))
-    current = get_at(body, path)
-    if op == "wrong-type":
-        set_at(body, path, draw(WRONG_TYPES))
-    elif op == "delete":
-        delete_at(body, path)
-    elif op == "wrap":
-        set_at(body, path, [current])
-    elif op == "unwrap" and isinstance(current, list) and current:
-        set_at(body, path, current[0])
-    elif op == "bad-text":
-        set_at(body, path, draw(st.sampled_from(["", " ", "2024-02-30", "9999", "T", "urn:uuid:", "#", "Patient/x/y"])))
-    else:
-        set_at(body, path, None)
+    bad_text = st.sampled_from(["", " ", "2024-02-30", "9999", "T", "urn:uuid:", "#", "Patient/x/y"])
+    replacement = {"wrong-type": WRONG_TYPES, "bad-text": bad_text}.get(op)
+    mutate(body, path, "replace" if replacement else op, get_at(body, path), lambda: draw(replacement))
     return rtype, dumps(body)
 
 
