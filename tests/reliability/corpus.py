@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 from datetime import UTC, date, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from fhir_mappings.mappings import load_engine
+from tests.harness import order_sign_request
 
 BASE_CASE = Path(__file__).parents[2] / "fhir_mappings/policies/mgbhp-031.cases/base.json"
 
@@ -64,26 +64,15 @@ def hook_request(
 ) -> dict[str, Any]:
     case = base_case()
     orders = copy.deepcopy(case["draft_orders"]) if draft_orders is None else draft_orders
-    context: dict[str, Any] = {
-        "userId": case["user_id"],
-        "patientId": case["patient_id"],
-        "encounterId": case["encounter_id"],
-        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": o} for o in orders]},
-    }
-    body: dict[str, Any] = {"hook": "order-sign", "hookInstance": str(uuid.uuid4()), "context": context}
-    if fhir_server:
-        body["fhirServer"] = fhir_server
-        if access_token:
-            body["fhirAuthorization"] = {
-                "access_token": access_token,
-                "token_type": "Bearer",
-                "expires_in": 300,
-                "scope": "patient/*.read",
-                "subject": "ketamine-cds",
-            }
-    if prefetch is not None:
-        body["prefetch"] = prefetch
-    return body
+    return order_sign_request(
+        orders,
+        patient_id=case["patient_id"],
+        user_id=case["user_id"],
+        encounter_id=case["encounter_id"],
+        prefetch=prefetch,
+        fhir_server=fhir_server,
+        access_token=access_token,
+    )
 
 
 def non_ketamine_order() -> dict[str, Any]:
