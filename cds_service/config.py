@@ -17,8 +17,10 @@ from typing import Any
 
 ENV_PREFIX = "KETAMINE_CDS_"
 #: `KETAMINE_CDS_*` families read by the tests, benchmarks and sandbox tools, never by the service itself.
-TOOL_ENV_PREFIXES = ("KETAMINE_CDS_REQUIRE_", "KETAMINE_CDS_TEST_", "KETAMINE_CDS_SAFETY_", "KETAMINE_CDS_SANDBOX_")
-TOOL_ENV_PREFIXES += ("KETAMINE_CDS_BENCH_",)
+TOOL_ENV_PREFIXES = (
+    "KETAMINE_CDS_REQUIRE_", "KETAMINE_CDS_TEST_", "KETAMINE_CDS_SAFETY_", "KETAMINE_CDS_SANDBOX_",
+    "KETAMINE_CDS_BENCH_",
+)  # fmt: skip
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
