@@ -49,6 +49,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     select,
@@ -75,7 +76,6 @@ _DROP_WARNING_INTERVAL_S = 30.0  # at most one "queue full" warning per interval
 _PG_DDL_LOCK_KEY = 0x6B6574616D696E  # pg_advisory_xact_lock key: serialises CREATE TABLE across workers
 _STOP = object()  # queue sentinel that tells the writer thread to exit
 WRITER_LINGER_S = 0.05  # the writer waits this long for more records once one arrived: fewer, larger transactions
-_ASYNC_COMMIT = text("SET LOCAL synchronous_commit = off")
 
 
 class AuditStoreError(RuntimeError):
@@ -608,31 +608,66 @@ class AuditStore:
 
         Synchronous by necessity (the answer decides the request), one indexed insert. Expired ids are purged
         every 500 claims. Raises AuditStoreError when the database cannot answer (the caller refuses the call).
+
+        On the request path of every call: the insert is compiled once (`_claim_sql`) and run on the pool's DBAPI
+        connection (checkout still pre-pings PostgreSQL), which costs a quarter of building and executing the
+        SQLAlchemy statement each time; the statement and the transaction are the same.
         """
+        sql, order = self._claim_sql
+        values = {"issuer": issuer, "jti": jti, "forget_after": forget_after}
+        params: Any = tuple(values[name] for name in order) if order is not None else values
+        dbapi_error = self._engine.dialect.loaded_dbapi.Error
+        try:
+            with self._memory_lock:
+                connection = self._engine.raw_connection()
+                try:
+                    cursor = connection.cursor()
+                    try:
+                        if self.dialect == "postgresql":
+                            # This transaction only: the commit returns before its WAL record is flushed. Uniqueness
+                            # is decided by the unique index when the row is inserted, not at the flush, so one jti
+                            # is still claimed exactly once however many workers race (tests/service/test_audit.py);
+                            # what a database crash could lose is the last fraction of a second of claims.
+                            cursor.execute("SET LOCAL synchronous_commit = off")
+                        cursor.execute(sql, params)
+                        claimed = bool(cursor.fetchall())
+                    finally:
+                        cursor.close()
+                    connection.commit()
+                except BaseException:
+                    connection.rollback()
+                    raise
+                finally:
+                    connection.close()  # back to the pool
+        except (dbapi_error, sa_exc.SQLAlchemyError) as exc:
+            logger.error("audit: could not check a JWT id: %s", self._explain(exc))
+            raise AuditStoreError(f"could not check a JWT id: {self._explain(exc)}") from None
+        self._claims_since_purge += 1
+        if self._claims_since_purge >= 500:
+            self._claims_since_purge = 0
+            self._purge_expired_jtis()
+        return claimed
+
+    @functools.cached_property
+    def _claim_sql(self) -> tuple[str, tuple[str, ...] | None]:
+        """The claim's INSERT ... ON CONFLICT DO NOTHING RETURNING in the driver's own paramstyle, compiled once."""
         insert = pg_dialect.insert if self.dialect == "postgresql" else sqlite_dialect.insert
         statement = (
             insert(self._jwt_ids)
-            .values(issuer=issuer, jti=jti, forget_after=forget_after)
+            .values(issuer=bindparam("issuer"), jti=bindparam("jti"), forget_after=bindparam("forget_after"))
             .on_conflict_do_nothing(index_elements=["issuer", "jti"])
             .returning(self._jwt_ids.c.id)
         )
+        compiled = statement.compile(dialect=self._engine.dialect)
+        order = compiled.positiontup  # positional paramstyle (SQLite's qmark): the parameters' order
+        return compiled.string, tuple(order) if order is not None else None
+
+    def _purge_expired_jtis(self) -> None:
         try:
             with self._memory_lock, self._engine.begin() as connection:
-                if self.dialect == "postgresql":
-                    # This transaction only: the commit returns before its WAL record is flushed. Uniqueness is
-                    # decided by the unique index when the row is inserted, not at the flush, so one jti is still
-                    # claimed exactly once however many workers race (tests/service/test_audit.py); what a
-                    # database crash could lose is the last fraction of a second of claims, not their order.
-                    connection.execute(_ASYNC_COMMIT)
-                claimed = bool(connection.execute(statement).all())
-                self._claims_since_purge += 1
-                if self._claims_since_purge >= 500:
-                    self._claims_since_purge = 0
-                    connection.execute(self._jwt_ids.delete().where(self._jwt_ids.c.forget_after < time.time()))
-        except sa_exc.SQLAlchemyError as exc:
-            logger.error("audit: could not check a JWT id: %s", self._explain(exc))
-            raise AuditStoreError(f"could not check a JWT id: {self._explain(exc)}") from None
-        return claimed
+                connection.execute(self._jwt_ids.delete().where(self._jwt_ids.c.forget_after < time.time()))
+        except sa_exc.SQLAlchemyError as exc:  # the claim itself succeeded; the next purge tries again
+            logger.warning("audit: could not purge expired JWT ids: %s", self._explain(exc))
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until every call record queued so far has been written (or given up on), at most `timeout` s."""

@@ -20,7 +20,6 @@ import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 
 from cds_service import audit
@@ -529,14 +528,41 @@ def test_claim_jti_is_first_come_across_stores(make_store: StoreFactory) -> None
     assert worker_b.claim_jti("https://ehr.test", "jti-2", forget_after) is True
 
 
+class _RecordingCursor:
+    def __init__(self, cursor: Any, statements: list[str]) -> None:
+        self._cursor, self._statements = cursor, statements
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        self._statements.append(sql)
+        return self._cursor.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+
+class _RecordingConnection:
+    def __init__(self, connection: Any, statements: list[str]) -> None:
+        self._connection, self._statements = connection, statements
+
+    def cursor(self) -> _RecordingCursor:
+        return _RecordingCursor(self._connection.cursor(), self._statements)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+def _recording_raw_connection(original: Any, statements: list[str]) -> Any:
+    return lambda: _RecordingConnection(original(), statements)
+
+
 def test_claim_jti_is_exactly_once_under_a_race_of_workers(make_store: StoreFactory) -> None:
     """Eight stores (as eight gunicorn workers, own connections) claim the same ids at the same instant: each id
     is claimed exactly once — also on PostgreSQL, where the claim commits with synchronous_commit=off."""
     workers = [make_store() for _ in range(8)]
     forget_after = time.time() + 300
     statements: list[str] = []
-    for store in workers:
-        sa_event.listen(store._engine, "before_cursor_execute", lambda *args: statements.append(str(args[2])))
+    for store in workers:  # the claim runs on the pool's DBAPI connection: record what its cursors execute
+        store._engine.raw_connection = _recording_raw_connection(store._engine.raw_connection, statements)
     jtis = [f"race-{n}-{uuid.uuid4().hex}" for n in range(20)]
     results: dict[str, list[bool]] = {jti: [] for jti in jtis}
     lock = threading.Lock()
