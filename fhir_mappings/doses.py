@@ -59,7 +59,7 @@ def load_dose_table(name: str) -> DoseTable:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise DoseTableError(f"{path.name}: cannot read dose table: {exc}") from None
-    ingredients = doc.get("ingredients") if isinstance(doc, Mapping) else None
+    ingredients = doc.get("ingredients") if isinstance(doc, dict) else None
     if not isinstance(ingredients, list):
         raise DoseTableError(f"{path.name}: needs an 'ingredients' list")
     rows: dict[tuple[str, str], MinimumDose] = {}
@@ -76,7 +76,7 @@ def load_dose_table(name: str) -> DoseTable:
 
 
 def _row(raw: Any, where: str) -> MinimumDose | None:
-    if not isinstance(raw, Mapping):
+    if not isinstance(raw, dict):
         raise DoseTableError(f"{where}: must be a mapping")
     rxcui, name, role = raw.get("rxcui"), raw.get("name"), raw.get("role", "antidepressant")
     if not isinstance(rxcui, str) or not rxcui.strip() or not isinstance(name, str) or not name.strip():

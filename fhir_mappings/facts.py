@@ -99,11 +99,11 @@ class CompiledPath:
                 for value in current:
                     if isinstance(value, list | tuple):
                         found.extend(value)
-                    elif isinstance(value, Mapping):
+                    elif isinstance(value, dict):
                         found.extend(value.values())
             else:
                 for value in current:
-                    if isinstance(value, Mapping):
+                    if isinstance(value, dict):
                         item = value.get(step, _NOT_SET)
                         if item is not _NOT_SET:
                             found.append(item)
@@ -339,7 +339,7 @@ class FactLibrary:
                     if kinds.get(key) == "fact":
                         pending.append(value)
                     elif kinds.get(key) == "facts":
-                        pending.extend(value.values() if isinstance(value, Mapping) else value)
+                        pending.extend(value.values() if isinstance(value, dict) else value)
         return frozenset(types)
 
     def extended(self, defs: Mapping[str, Any], where: str, extra_text: str = "") -> FactLibrary:
@@ -352,7 +352,7 @@ class FactLibrary:
         return hashlib.sha256(self.source_text.encode()).hexdigest()[:12]
 
     def _compile_fact(self, name: str, spec: Any, where: str) -> FactDef:
-        if not isinstance(spec, Mapping):
+        if not isinstance(spec, dict):
             raise FactError(f"{where}: must be a mapping")
         if "derive" in spec:
             _expect_keys(spec, {"description", "derive", "params"}, where)
@@ -462,7 +462,7 @@ _SHAPE_KEYS = ("code", "date", "end", "value")
 
 
 def _expect_keys(node: Any, allowed: set[str], where: str) -> None:
-    if not isinstance(node, Mapping):
+    if not isinstance(node, dict):
         raise FactError(f"{where}: must be a mapping")
     extra = set(node) - allowed
     if extra:
@@ -540,7 +540,7 @@ def _check_param(kind: str, value: Any, known_facts: set[str], registry: ValueSe
         if value not in registry:
             raise FactError(f"{where}: unknown value set {value!r}")
     elif kind == "valuesets":
-        values = value.values() if isinstance(value, Mapping) else value
+        values = value.values() if isinstance(value, dict) else value
         if not isinstance(values, Iterable) or isinstance(values, str):
             raise FactError(f"{where}: expected a list or mapping of value sets")
         for v in values:
@@ -549,7 +549,7 @@ def _check_param(kind: str, value: Any, known_facts: set[str], registry: ValueSe
         if value not in known_facts:
             raise FactError(f"{where}: unknown fact {value!r}")
     elif kind == "facts":
-        values = value.values() if isinstance(value, Mapping) else value
+        values = value.values() if isinstance(value, dict) else value
         for v in values:
             _check_param("fact", v, known_facts, registry, where)
     elif kind == "int":
@@ -560,7 +560,7 @@ def _check_param(kind: str, value: Any, known_facts: set[str], registry: ValueSe
             raise FactError(f"{where}: expected a number")
     elif kind == "str" and not isinstance(value, str):
         raise FactError(f"{where}: expected a string")
-    elif kind == "map" and not isinstance(value, Mapping):
+    elif kind == "map" and not isinstance(value, dict):
         raise FactError(f"{where}: expected a mapping")
 
 
@@ -579,14 +579,14 @@ def format_value(value: Any) -> str | None:
         return f"{value:g}"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         if "value" in value:
             unit = value.get("unit") or value.get("code") or ""
             return f"{format_value(value.get('value'))} {unit}".strip()
         if value.get("text"):
             return str(value["text"])
         for coding in value.get("coding") or []:
-            if isinstance(coding, Mapping) and (coding.get("display") or coding.get("code")):
+            if isinstance(coding, dict) and (coding.get("display") or coding.get("code")):
                 return str(coding.get("display") or coding.get("code"))
     return str(value)[:80]
 
@@ -597,7 +597,7 @@ def numeric(value: Any) -> Any:
         return value
     if isinstance(value, int | float):
         return value
-    if isinstance(value, Mapping) and isinstance(value.get("value"), int | float):
+    if isinstance(value, dict) and isinstance(value.get("value"), int | float):
         return value["value"]
     return value
 
@@ -677,7 +677,7 @@ class FactContext:
             if shape.medication:
                 found = self.medication_concepts(resource)
             else:
-                found = [c for c in all_values(shape.code, resource) if isinstance(c, Mapping)]
+                found = [c for c in all_values(shape.code, resource) if isinstance(c, dict)]
             self._concepts[key] = found
         return found
 
@@ -692,7 +692,7 @@ class FactContext:
             plan: list[tuple[Resource, tuple[Any, ...] | None]] = []
             for observation in self.record.of_type("Observation"):
                 code = observation.get("code")
-                plain = isinstance(code, Mapping) and not observation.get("component")
+                plain = isinstance(code, dict) and not observation.get("component")
                 plain = plain and not observation.get("hasMember")
                 plan.append((observation, _concept_key(code) if plain else None))
             self._plan = plan
@@ -851,7 +851,7 @@ class FactContext:
             for resource in self.record.of_type(rtype):
                 if resource.get("status") in done:
                     continue
-                concepts = [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+                concepts = [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
                 if not concepts:
                     continue
                 matched = [vs for vs in definition.valuesets if self.match(vs, concepts) is not None]
@@ -923,7 +923,7 @@ class FactContext:
         return self.make_fact(definition.name, items, definition.reads)
 
     def _first_match(self, valuesets: Iterable[str], concept: Mapping[str, Any] | None) -> CodeMatch | None:
-        if not isinstance(concept, Mapping):
+        if not isinstance(concept, dict):
             return None
         for vs in valuesets:
             found = self.match(vs, [concept])
@@ -1020,10 +1020,10 @@ def _code_of(resource: Resource, path: str) -> Mapping[str, Any] | None:
     if own.startswith("component["):
         index = int(own[len("component[") : own.index("]")])
         components = as_list(resource.get("component"))
-        if 0 <= index < len(components) and isinstance(components[index], Mapping):
+        if 0 <= index < len(components) and isinstance(components[index], dict):
             return components[index].get("code")
     code = resource.get("code")
-    return code if isinstance(code, Mapping) else None
+    return code if isinstance(code, dict) else None
 
 
 def _as_filtered(resource: Resource) -> Resource:
@@ -1040,9 +1040,9 @@ def _as_filtered(resource: Resource) -> Resource:
 
 def _concept_key(concept: Mapping[str, Any]) -> tuple[Any, ...]:
     """A hashable identity of a CodeableConcept's content (codings and text)."""
-    codings = concept.get("coding") if isinstance(concept, Mapping) else None
-    parts = tuple((c.get("system"), c.get("code"), c.get("display")) for c in codings or () if isinstance(c, Mapping))
-    return (*parts, concept.get("text") if isinstance(concept, Mapping) else None)
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    parts = tuple((c.get("system"), c.get("code"), c.get("display")) for c in codings or () if isinstance(c, dict))
+    return (*parts, concept.get("text") if isinstance(concept, dict) else None)
 
 
 def _status_of(resource: Resource) -> str | None:
@@ -1050,8 +1050,8 @@ def _status_of(resource: Resource) -> str | None:
     if isinstance(status, str):
         return status
     clinical = resource.get("clinicalStatus")
-    if isinstance(clinical, Mapping):
+    if isinstance(clinical, dict):
         for coding in clinical.get("coding") or []:
-            if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
+            if isinstance(coding, dict) and isinstance(coding.get("code"), str):
                 return coding["code"]
     return None

@@ -46,10 +46,10 @@ def as_list(value: Any) -> list[Any]:
 
 def medication_resource_concepts(medication: Resource) -> list[dict[str, Any]]:
     """A Medication resource's code and its ingredients' concepts (compounded products name the drug there)."""
-    concepts = [medication["code"]] if isinstance(medication.get("code"), Mapping) else []
+    concepts = [medication["code"]] if isinstance(medication.get("code"), dict) else []
     for ingredient in as_list(medication.get("ingredient")):
-        item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, Mapping) else None
-        if isinstance(item, Mapping):
+        item = ingredient.get("itemCodeableConcept") if isinstance(ingredient, dict) else None
+        if isinstance(item, dict):
             concepts.append(item)
     return concepts
 
@@ -64,10 +64,10 @@ def medication_concepts(
     """
     concepts: list[dict[str, Any]] = []
     cc = resource.get("medicationCodeableConcept")
-    if isinstance(cc, Mapping):
+    if isinstance(cc, dict):
         concepts.append(cc)  # the resource's own dict: facts memoise matches by content, triage reads it once
     ref = resource.get("medicationReference")
-    if isinstance(ref, Mapping):
+    if isinstance(ref, dict):
         medication = resolve(ref, resource)
         if medication is not None:
             concepts.extend(medication_resource_concepts(medication))
@@ -118,6 +118,7 @@ class PatientRecord:
         self._by_type: dict[str, list[Resource]] = {}
         self._by_key: dict[str, Resource] = {}
         self._by_full_url: dict[str, Resource] = dict(self.full_urls)
+        self._availability: dict[str, Availability] = {}  # per type: `queries` is fixed once the record exists
         for resource in self.resources:
             self._index(resource, history=True)
         for order in self.draft_orders:
@@ -169,8 +170,15 @@ class PatientRecord:
     def availability(self, resource_type: str) -> Availability:
         """Availability of a resource type: the weakest outcome of the queries that supply it.
 
-        A type no query supplies is UNAVAILABLE: the service never looked for it.
+        A type no query supplies is UNAVAILABLE: the service never looked for it. Computed once per type (every
+        criterion's "checked ..." line and every fact asks).
         """
+        known = self._availability.get(resource_type)
+        if known is None:
+            known = self._availability[resource_type] = self._availability_of(resource_type)
+        return known
+
+    def _availability_of(self, resource_type: str) -> Availability:
         outcomes = [q.availability for q in self.queries.values() if resource_type in q.resource_types]
         if not outcomes:
             return Availability.UNAVAILABLE

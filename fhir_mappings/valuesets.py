@@ -340,7 +340,7 @@ class ValueSet:
 
     def match_coding(self, coding: Mapping[str, Any] | None) -> CodeMatch | None:
         """Match one FHIR Coding dict: listed code, then prefix, then RxNorm ingredient."""
-        if not isinstance(coding, Mapping):
+        if not isinstance(coding, dict):
             return None
         code = coding.get("code")
         if not isinstance(code, str) or not code.strip():
@@ -372,10 +372,10 @@ class ValueSet:
 
     def match_concept(self, concept: Mapping[str, Any] | None) -> CodeMatch | None:
         """Match a CodeableConcept: its codings first, then (only if none matched) the text patterns."""
-        if not isinstance(concept, Mapping):
+        if not isinstance(concept, dict):
             return None
         codings = concept.get("coding")
-        codings = [c for c in codings if isinstance(c, Mapping)] if isinstance(codings, list) else []
+        codings = [c for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
         for coding in codings:
             hit = self.match_coding(coding)
             if hit is not None:
@@ -682,7 +682,7 @@ class ValueSetRegistry:
         checked: list[tuple[str, str, str | None]] = []
         for n, c in enumerate(concepts):
             where = f"site config: value set '{vs_id}': addition[{n}]"
-            if not isinstance(c, Mapping):
+            if not isinstance(c, dict):
                 raise ValueSetError(f"{where} must be a mapping with 'system' and 'code'")
             unknown = sorted(set(c) - _EXTEND_KEYS, key=str)
             if unknown:

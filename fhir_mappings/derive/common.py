@@ -48,13 +48,13 @@ def reasons(ctx: FactContext, resource: Resource) -> tuple[list[tuple[dict[str, 
     """The indications a resource states, each with the resource that holds it: reasonCode (the resource
     itself), and the code of each reasonReference (Condition, Observation, Procedure …) resolved in the
     record; also whether every reference resolved."""
-    found = [(dict(c), resource) for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+    found = [(dict(c), resource) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
     resolved = True
     for ref in as_list(resource.get("reasonReference")):
         target = ctx.record.resolve(ref, within=resource)
         if target is None:
             resolved = False
-        elif isinstance(target.get("code"), Mapping):
+        elif isinstance(target.get("code"), dict):
             found.append((dict(target["code"]), target))
     return found, resolved
 
@@ -107,7 +107,7 @@ def first_match(ctx: FactContext, valuesets: Iterable[str], concepts: list[dict[
 
 def valueset_ids(value: Any) -> list[str]:
     """A `valuesets` parameter given as a list or a {label: id} mapping, as a list of ids."""
-    return list(value.values()) if isinstance(value, Mapping) else list(value or [])
+    return list(value.values()) if isinstance(value, dict) else list(value or [])
 
 
 @dataclass
@@ -160,7 +160,7 @@ def occurrences(records: Iterable[tuple[Resource, CodeMatch]]) -> list[Occurrenc
     for i, (resource, _match) in enumerate(items):
         for key in ("encounter", "context", "partOf", "basedOn"):
             for ref in as_list(resource.get(key)):
-                target = reference_key(ref.get("reference", "")) if isinstance(ref, Mapping) else None
+                target = reference_key(ref.get("reference", "")) if isinstance(ref, dict) else None
                 if target in refs:
                     union(i, refs[target])
         span = event_span(resource)
@@ -211,7 +211,7 @@ def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str], *, t
     only a negated one ("KAP not discussed") is not."""
     concepts: list[dict[str, Any]] = []
     for key in _CODED_KEYS:
-        concepts.extend(dict(c) for c in as_list(resource.get(key)) if isinstance(c, Mapping))
+        concepts.extend(dict(c) for c in as_list(resource.get(key)) if isinstance(c, dict))
     coded_only = [{"coding": c.get("coding")} for c in concepts if c.get("coding")]
     coded = first_match(ctx, valuesets, coded_only)
     if coded is not None:
@@ -219,7 +219,7 @@ def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str], *, t
     texts: list[str] = [c["text"] for c in concepts if isinstance(c.get("text"), str)]
     for key in _TEXT_KEYS:
         for node in as_list(resource.get(key)):
-            if isinstance(node, Mapping) and isinstance(node.get("text"), str):
+            if isinstance(node, dict) and isinstance(node.get("text"), str):
                 texts.append(node["text"])
             elif isinstance(node, str):
                 texts.append(node)
@@ -251,7 +251,7 @@ def coded_events(ctx: FactContext, valuesets: Sequence[str]) -> list[tuple[Resou
         for resource in ctx.record.of_type(rtype):
             if status(resource) not in DONE_STATUSES[rtype]:
                 continue
-            concepts = [dict(c) for c in as_list(resource.get(key)) if isinstance(c, Mapping)]
+            concepts = [dict(c) for c in as_list(resource.get(key)) if isinstance(c, dict)]
             match = first_match(ctx, valuesets, concepts)
             if match is not None:
                 records.append((resource, match))
@@ -280,7 +280,7 @@ def actor_roles(
 
     found: set[str] = set()
     known = True
-    listed = [a for a in actors if isinstance(a, Mapping)]
+    listed = [a for a in actors if isinstance(a, dict)]
     for actor in listed:
         lookup = lookup_roles(ctx, actor, role_sets, within=resource)
         known = known and lookup.known

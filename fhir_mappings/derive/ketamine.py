@@ -63,14 +63,14 @@ def _purpose(
         said, why = purpose_of(ctx, record, psychiatric)
         if said is not None:
             verdicts.append((said, why))
-        codes = [dict(c) for c in [record.get("code"), *as_list(record.get("type"))] if isinstance(c, Mapping)]
+        codes = [dict(c) for c in [record.get("code"), *as_list(record.get("type"))] if isinstance(c, dict)]
         session = ctx.match(params["session_codes"], codes) if codes else None
         if session is not None and session.via != "text":
             verdicts.append((True, "KAP session code"))
         for ref in as_list(record.get("partOf")):
             parent = ctx.record.resolve(ref, within=record)
-            pcode = parent.get("code") if isinstance(parent, Mapping) else None
-            if params.get("other_procedures") and isinstance(pcode, Mapping):
+            pcode = parent.get("code") if isinstance(parent, dict) else None
+            if params.get("other_procedures") and isinstance(pcode, dict):
                 found = ctx.match(params["other_procedures"], [dict(pcode)])
                 if found is not None:
                     verdicts.append((False, f"part of {found.label()}"))
@@ -80,15 +80,15 @@ def _purpose(
                 continue
             cls = encounter.get("class")
             emergency = params.get("emergency_classes")
-            if emergency and isinstance(cls, Mapping) and ctx.match(emergency, [{"coding": [dict(cls)]}]) is not None:
+            if emergency and isinstance(cls, dict) and ctx.match(emergency, [{"coding": [dict(cls)]}]) is not None:
                 verdicts.append((False, "given in an emergency encounter"))
-            types = [dict(c) for c in as_list(encounter.get("type")) if isinstance(c, Mapping)]
+            types = [dict(c) for c in as_list(encounter.get("type")) if isinstance(c, dict)]
             if params.get("other_procedures") and types:
                 found = ctx.match(params["other_procedures"], types)
                 if found is not None:
                     verdicts.append((False, f"during {found.label()}"))
         threshold = params.get("anaesthetic_mg_per_kg")
-        dosage = record.get("dosage") if isinstance(record.get("dosage"), Mapping) else None
+        dosage = record.get("dosage") if isinstance(record.get("dosage"), dict) else None
         if threshold and weight_kg and dosage is not None:
             mg = mass_mg(dosage.get("dose"))
             if mg is not None and mg / weight_kg >= float(threshold):
@@ -104,9 +104,9 @@ def _purpose(
 def _route_iv(ctx: FactContext, records: list[Resource], params: Mapping[str, Any], infusion: bool) -> bool | None:
     routes: list[bool] = [True] if infusion else []
     for record in records:
-        dosage = record.get("dosage") if isinstance(record.get("dosage"), Mapping) else {}
-        route = dosage.get("route") if isinstance(dosage, Mapping) else None
-        if isinstance(route, Mapping):
+        dosage = record.get("dosage") if isinstance(record.get("dosage"), dict) else {}
+        route = dosage.get("route") if isinstance(dosage, dict) else None
+        if isinstance(route, dict):
             routes.append(ctx.match(params["route_iv"], [dict(route)]) is not None)
     if not routes:
         return None
@@ -143,7 +143,7 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
         for r in ctx.record.of_type(rtype)
         if status(r) in ("not-done", "stopped", "entered-in-error")
         for ref in as_list(r.get("encounter")) + as_list(r.get("context"))
-        if isinstance(ref, Mapping) and (key := reference_key(str(ref.get("reference", ""))))
+        if isinstance(ref, dict) and (key := reference_key(str(ref.get("reference", ""))))
     }
     for admin in ctx.record.of_type("MedicationAdministration"):
         if status(admin) not in DONE_STATUSES["MedicationAdministration"]:
@@ -158,7 +158,7 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
         for resource in ctx.record.of_type(rtype):
             if status(resource) not in DONE_STATUSES[rtype] or reference_of(resource) in not_done:
                 continue
-            concepts = [dict(c) for c in concepts_of(resource) if isinstance(c, Mapping)]
+            concepts = [dict(c) for c in concepts_of(resource) if isinstance(c, dict)]
             session = ctx.match(params["session_codes"], concepts)
             if session is not None and not (rtype == "Encounter" and session.via == "text"):
                 # An Encounter is a session only when its type is coded as one: a visit named "KAP dosing
@@ -170,7 +170,7 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
                 continue
             named = concepts + [
                 dict(c) for c in as_list(resource.get("usedCode")) + as_list(resource.get("reasonCode"))
-                if isinstance(c, Mapping)
+                if isinstance(c, dict)
             ]  # fmt: skip
             if ctx.match(params["ketamine"], named) is not None:
                 records.append((resource, infusion))
@@ -382,10 +382,10 @@ def ketamine_dose_notes(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     order = ctx.group.primary.resource
     kg, weight = latest_weight_kg(ctx, params["body_weight"])
     for dosage in as_list(order.get("dosageInstruction")):
-        if not isinstance(dosage, Mapping):
+        if not isinstance(dosage, dict):
             continue
         for dose_rate in as_list(dosage.get("doseAndRate")):
-            dose = dose_rate.get("doseQuantity") if isinstance(dose_rate, Mapping) else None
+            dose = dose_rate.get("doseQuantity") if isinstance(dose_rate, dict) else None
             mg = mass_mg(dose)
             if mg is None:
                 continue
@@ -403,8 +403,8 @@ def ketamine_dose_notes(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
                     f"Dose {mg:g} mg could not be checked against {params['mg_per_kg']:g} mg/kg: "
                     "no body weight on record (in a known unit)."
                 )
-        timing = dosage.get("timing") if isinstance(dosage.get("timing"), Mapping) else {}
-        repeat = timing.get("repeat") if isinstance(timing.get("repeat"), Mapping) else {}
+        timing = dosage.get("timing") if isinstance(dosage.get("timing"), dict) else {}
+        repeat = timing.get("repeat") if isinstance(timing.get("repeat"), dict) else {}
         duration = _minutes(repeat.get("duration"), repeat.get("durationUnit"))
         if duration is not None and duration != params["minutes"]:
             notes.append(

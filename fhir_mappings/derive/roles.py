@@ -41,7 +41,7 @@ def in_force(element: Mapping[str, Any], today: Any) -> bool:
     if element.get("active") is False:
         return False
     period = element.get("period")
-    if not isinstance(period, Mapping):
+    if not isinstance(period, dict):
         return True
     start, end = parse_span(period.get("start")), parse_span(period.get("end"))
     if start is not None and start.low > today:
@@ -56,7 +56,7 @@ def _roles_by_practitioner(ctx: FactContext) -> dict[str, list[Resource]]:
         for role in ctx.record.of_type("PractitionerRole"):
             ref = (
                 (role.get("practitioner") or {}).get("reference")
-                if isinstance(role.get("practitioner"), Mapping)
+                if isinstance(role.get("practitioner"), dict)
                 else None
             )
             key = reference_key(ref) if isinstance(ref, str) else None
@@ -67,7 +67,7 @@ def _roles_by_practitioner(ctx: FactContext) -> dict[str, list[Resource]]:
 
 
 def _role_concepts(role: Resource) -> list[dict[str, Any]]:
-    return [dict(c) for c in as_list(role.get("specialty")) + as_list(role.get("code")) if isinstance(c, Mapping)]
+    return [dict(c) for c in as_list(role.get("specialty")) + as_list(role.get("code")) if isinstance(c, dict)]
 
 
 def lookup_roles(
@@ -108,8 +108,8 @@ def lookup_roles(
         return result
     if practitioner is not None and practitioner.get("resourceType") == "Practitioner":
         for qualification in as_list(practitioner.get("qualification")):
-            code = qualification.get("code") if isinstance(qualification, Mapping) else None
-            if not isinstance(code, Mapping):
+            code = qualification.get("code") if isinstance(qualification, dict) else None
+            if not isinstance(code, dict):
                 continue
             if in_force(qualification, ctx.today):
                 concepts.append((practitioner, dict(code)))
@@ -165,8 +165,8 @@ def order_people(ctx: FactContext, element: str) -> list[tuple[Any, Resource | N
         return refs
     for order in ctx.group.orders:
         for ref in as_list(order.resource.get(element)):
-            actor = ref.get("actor") if isinstance(ref, Mapping) and "actor" in ref else ref
-            if isinstance(actor, Mapping):
+            actor = ref.get("actor") if isinstance(ref, dict) and "actor" in ref else ref
+            if isinstance(actor, dict):
                 refs.append((actor, order.resource, f"{order.ref} {element}"))
     return refs
 
@@ -247,13 +247,13 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
         if target.get("resourceType") != "Location":
             return
         for concept in as_list(target.get("type")):
-            if isinstance(concept, Mapping):
+            if isinstance(concept, dict):
                 classify(target, concept, how)
 
     for order in ctx.group.orders:
         res = order.resource
         for concept in as_list(res.get("locationCode")):
-            if isinstance(concept, Mapping):
+            if isinstance(concept, dict):
                 classify(res, concept, "order locationCode")
         for ref in as_list(res.get("locationReference")):
             location(ref, res, "order locationReference")
@@ -297,8 +297,8 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
             continue
         span = event_span(encounter)
         for participant in as_list(encounter.get("participant")):
-            individual = participant.get("individual") if isinstance(participant, Mapping) else None
-            if not isinstance(individual, Mapping):
+            individual = participant.get("individual") if isinstance(participant, dict) else None
+            if not isinstance(individual, dict):
                 continue
             lookup = lookup_roles(ctx, individual, params["roles"], within=encounter)
             for label, match in lookup.labels.items():
@@ -309,11 +309,11 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
         if status(team) not in ("active", None):
             continue
         for participant in as_list(team.get("participant")):
-            member = participant.get("member") if isinstance(participant, Mapping) else None
-            if not isinstance(member, Mapping):
+            member = participant.get("member") if isinstance(participant, dict) else None
+            if not isinstance(member, dict):
                 continue
-            period = participant.get("period") if isinstance(participant.get("period"), Mapping) else {}
-            ended = period.get("end") if isinstance(period, Mapping) else None
+            period = participant.get("period") if isinstance(participant.get("period"), dict) else {}
+            ended = period.get("end") if isinstance(period, dict) else None
             if isinstance(ended, str) and ended[:10] < ctx.today.isoformat():
                 continue
             lookup = lookup_roles(ctx, member, params["roles"], within=team)
@@ -341,32 +341,32 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
     sources: list[tuple[Resource, list[Any], list[Any]]] = []
     for proc in ctx.record.of_type("Procedure"):
         if status(proc) == "completed":
-            actors = [p.get("actor") for p in as_list(proc.get("performer")) if isinstance(p, Mapping)]
+            actors = [p.get("actor") for p in as_list(proc.get("performer")) if isinstance(p, dict)]
             sources.append((proc, [proc.get("code")], actors))
     for enc in ctx.record.of_type("Encounter"):
         if status(enc) in ("finished", "in-progress", "arrived"):
-            actors = [p.get("individual") for p in as_list(enc.get("participant")) if isinstance(p, Mapping)]
+            actors = [p.get("individual") for p in as_list(enc.get("participant")) if isinstance(p, dict)]
             sources.append((enc, as_list(enc.get("type")), actors))
     linked: dict[str, Resource] = {}
     for resource, _c, _a in sources:
-        if resource.get("resourceType") == "Procedure" and isinstance(resource.get("encounter"), Mapping):
+        if resource.get("resourceType") == "Procedure" and isinstance(resource.get("encounter"), dict):
             key = reference_key(str(resource["encounter"].get("reference", "")))
             if key:
                 linked[key] = resource
     items: list[Item] = []
     for resource, concepts, actors in sources:
-        match = ctx.match(params["codes"], [dict(c) for c in concepts if isinstance(c, Mapping)])
+        match = ctx.match(params["codes"], [dict(c) for c in concepts if isinstance(c, dict)])
         if match is None:
             continue
         if resource.get("resourceType") == "Encounter" and reference_of(resource) in linked:
             continue  # its Procedure is the same evaluation (and is read with it)
         companions = [resource]
-        if resource.get("resourceType") == "Procedure" and isinstance(resource.get("encounter"), Mapping):
+        if resource.get("resourceType") == "Procedure" and isinstance(resource.get("encounter"), dict):
             encounter = ctx.record.resolve(resource["encounter"], within=resource)
             if encounter is not None:
                 companions.append(encounter)
                 actors = actors + [
-                    p.get("individual") for p in as_list(encounter.get("participant")) if isinstance(p, Mapping)
+                    p.get("individual") for p in as_list(encounter.get("participant")) if isinstance(p, dict)
                 ]
         role_field, roles = actor_roles(ctx, resource, actors, params["roles"])
         candidacy: bool | None = None

@@ -158,10 +158,10 @@ def _hours_between(ctx: FactContext, kap: Item, order: Mapping[str, Any]) -> flo
             dosed = dosed or instant(record.get(key))
         for key in ("effectivePeriod", "performedPeriod", "period"):
             period = record.get(key)
-            if isinstance(period, Mapping):
+            if isinstance(period, dict):
                 dosed = dosed or instant(period.get("start"))
     start = instant(order.get("occurrenceDateTime"))
-    if start is None and isinstance(order.get("occurrencePeriod"), Mapping):
+    if start is None and isinstance(order.get("occurrencePeriod"), dict):
         start = instant(order["occurrencePeriod"].get("start"))
     if dosed is None or start is None:
         return None
@@ -178,7 +178,7 @@ def _organisations_of_order(ctx: FactContext) -> tuple[list[Resource], bool]:
 
     def take(ref: Any, within: Resource | None) -> None:
         nonlocal resolved
-        if not isinstance(ref, Mapping):
+        if not isinstance(ref, dict):
             return
         target = ctx.record.resolve(ref, within=within)
         if target is None:
@@ -196,7 +196,7 @@ def _organisations_of_order(ctx: FactContext) -> tuple[list[Resource], bool]:
         elif rtype == "Encounter":
             take(target.get("serviceProvider"), target)
             for loc in as_list(target.get("location")):
-                take(loc.get("location") if isinstance(loc, Mapping) else None, target)
+                take(loc.get("location") if isinstance(loc, dict) else None, target)
 
     for order in ctx.group.orders:
         res = order.resource
@@ -223,7 +223,7 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
         if not (
             p.get("resourceType") == "Location"
             and not p.get("identifier")
-            and isinstance(p.get("managingOrganization"), Mapping)
+            and isinstance(p.get("managingOrganization"), dict)
             and reference_key(str(p["managingOrganization"].get("reference", ""))) in place_refs
         )
     ]
@@ -231,14 +231,14 @@ def clinic_credentialing(ctx: FactContext, params: Mapping[str, Any], fact: Deri
     for place in places:
         match = None
         for ident in as_list(place.get("identifier")):
-            if isinstance(ident, Mapping) and ident.get("system") and ident.get("value"):
+            if isinstance(ident, dict) and ident.get("system") and ident.get("value"):
                 match = ctx.match(
                     params["clinics"], [{"coding": [{"system": ident["system"], "code": ident["value"]}]}]
                 )
                 if match:
                     break
         identified = any(
-            isinstance(i, Mapping) and i.get("system") and i.get("value") for i in as_list(place.get("identifier"))
+            isinstance(i, dict) and i.get("system") and i.get("value") for i in as_list(place.get("identifier"))
         )
         # Only an identified clinic can be "not on the list"; a place without identifiers is simply unknown.
         credentialed = True if match else (False if configured and identified else None)
@@ -292,7 +292,7 @@ def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) 
             for r in list(records)
             if r is not None
             for key in ("context", "encounter")
-            if isinstance(r.get(key), Mapping)
+            if isinstance(r.get(key), dict)
         ]
         seen: set[str] = set()
         for session in records:
@@ -300,10 +300,10 @@ def clinic_roles(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact) 
                 continue
             seen.add(reference_of(session))
             for performer in as_list((session or {}).get("performer")) + as_list((session or {}).get("participant")):
-                if not isinstance(performer, Mapping):
+                if not isinstance(performer, dict):
                     continue
                 actor = performer.get("actor") or performer.get("individual")
-                if isinstance(actor, Mapping):
+                if isinstance(actor, dict):
                     refs.append((actor, session, "KAP session monitor"))
     items, known = role_items(ctx, refs, params["roles"])
     return people_fact(fact.name, items, known and bool(refs))
@@ -326,8 +326,8 @@ def performer_training(ctx: FactContext, params: Mapping[str, Any], fact: Derive
                 continue
             known = True
             for qualification in as_list(target.get("qualification")):
-                code = qualification.get("code") if isinstance(qualification, Mapping) else None
-                if not isinstance(code, Mapping) or not in_force(qualification, ctx.today):
+                code = qualification.get("code") if isinstance(qualification, dict) else None
+                if not isinstance(code, dict) or not in_force(qualification, ctx.today):
                     continue  # not yet obtained, or expired
                 match = ctx.match(params["training"], [dict(code)])
                 if match is not None:

@@ -116,7 +116,7 @@ class Exposure:
 
 def _medication_of(ctx: FactContext, resource: Resource) -> Resource | None:
     ref = resource.get("medicationReference")
-    return ctx.record.resolve(ref, within=resource) if isinstance(ref, Mapping) else None
+    return ctx.record.resolve(ref, within=resource) if isinstance(ref, dict) else None
 
 
 def _strength(ctx: FactContext, resource: Resource) -> float | None:
@@ -125,7 +125,7 @@ def _strength(ctx: FactContext, resource: Resource) -> float | None:
     for concept in ctx.medication_concepts(resource):
         names.append(concept.get("text") if isinstance(concept.get("text"), str) else None)
         for coding in as_list(concept.get("coding")):
-            if isinstance(coding, Mapping):
+            if isinstance(coding, dict):
                 names.append(coding.get("display") if isinstance(coding.get("display"), str) else None)
                 code = coding.get("code")
                 if isinstance(code, str):
@@ -138,9 +138,9 @@ def exposure_of(ctx: FactContext, resource: Resource, reason_vs: str | None) -> 
     state = status(resource)
     reason_match = None
     if reason_vs:
-        reasons = [dict(c) for c in as_list(resource.get("statusReason")) if isinstance(c, Mapping)]
+        reasons = [dict(c) for c in as_list(resource.get("statusReason")) if isinstance(c, dict)]
         if state in ("stopped", "completed"):
-            reasons += [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, Mapping)]
+            reasons += [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
         reason_match = ctx.match(reason_vs, reasons) if reasons else None
     strength = _strength(ctx, resource)
     if rtype == "MedicationStatement":
@@ -156,7 +156,7 @@ def exposure_of(ctx: FactContext, resource: Resource, reason_vs: str | None) -> 
     if rtype == "MedicationRequest":
         if state in ("entered-in-error", "draft", "cancelled") or resource.get("intent") in ("proposal", "plan"):
             return None
-        dispense = resource.get("dispenseRequest") if isinstance(resource.get("dispenseRequest"), Mapping) else {}
+        dispense = resource.get("dispenseRequest") if isinstance(resource.get("dispenseRequest"), dict) else {}
         start, _ = first_span(resource, ("dispenseRequest.validityPeriod.start", "authoredOn"))
         end, _ = first_span(resource, ("dispenseRequest.validityPeriod.end",))
         if end is None and start is not None:
@@ -422,7 +422,7 @@ def _adherence_observations(ctx: FactContext, vs_id: str | None) -> dict[str, tu
         return found
     for obs in ctx.record.of_type("Observation"):
         code = obs.get("code")
-        if not isinstance(code, Mapping) or status(obs) not in ("final", "amended", "corrected"):
+        if not isinstance(code, dict) or status(obs) not in ("final", "amended", "corrected"):
             continue
         if ctx.match(vs_id, [dict(code)]) is None:
             continue
@@ -431,7 +431,7 @@ def _adherence_observations(ctx: FactContext, vs_id: str | None) -> dict[str, tu
         if not isinstance(value, float) or reading.unit not in ("%", None) or not 0 <= value <= 100:
             continue
         for ref in as_list(obs.get("focus")) + as_list(obs.get("derivedFrom")):
-            target = ref.get("reference") if isinstance(ref, Mapping) else None
+            target = ref.get("reference") if isinstance(ref, dict) else None
             key = reference_key(target) if isinstance(target, str) else None
             if key:
                 found[key] = (value / 100.0, obs)
@@ -670,8 +670,8 @@ def _documented_stops(ctx: FactContext, classes: Mapping[str, str], today: date)
 def _oral_or_unstated(ctx: FactContext, resource: Resource, route_oral_vs: str) -> bool:
     routes = []
     for dosage in as_list(resource.get("dosageInstruction")) + as_list(resource.get("dosage")):
-        route = dosage.get("route") if isinstance(dosage, Mapping) else None
-        if isinstance(route, Mapping):
+        route = dosage.get("route") if isinstance(dosage, dict) else None
+        if isinstance(route, dict):
             routes.append(dict(route))
     return not routes or ctx.match(route_oral_vs, routes) is not None
 

@@ -60,7 +60,7 @@ def blood_pressures(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFac
     for obs in ctx.record.of_type("Observation"):
         code = obs.get("code")
         verdict = ctx.verdict(status_filter, obs)  # computed once per request per filter
-        if not isinstance(code, Mapping) or verdict is False:
+        if not isinstance(code, dict) or verdict is False:
             continue
         span = event_span(obs)
         if is_panel(code):
@@ -162,7 +162,7 @@ def specialist_clearances(ctx: FactContext, params: Mapping[str, Any], fact: Der
 
     for obs in ctx.record.of_type("Observation"):
         code = obs.get("code")
-        if not isinstance(code, Mapping) or status(obs) not in ("final", "amended", "corrected"):
+        if not isinstance(code, dict) or status(obs) not in ("final", "amended", "corrected"):
             continue  # a preliminary (unsigned) clearance is not documented clearance
         match = ctx.match(params["clearance"], [dict(code)])
         if match is None:
@@ -200,8 +200,8 @@ def specialist_clearances(ctx: FactContext, params: Mapping[str, Any], fact: Der
         said_text = mention(ctx, resource, [params["clearance"]])
         if said_text is None or said_text.said is False:
             continue
-        actors = [p.get("actor") for p in as_list(resource.get("performer")) if isinstance(p, Mapping)] + [
-            p.get("individual") for p in as_list(resource.get("participant")) if isinstance(p, Mapping)
+        actors = [p.get("actor") for p in as_list(resource.get("performer")) if isinstance(p, dict)] + [
+            p.get("individual") for p in as_list(resource.get("participant")) if isinstance(p, dict)
         ]
         roles, who = roles_of(resource, actors)
         item = ctx.item_for(

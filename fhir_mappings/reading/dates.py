@@ -9,6 +9,7 @@ both ends (`DateSpan.age_days`, `Bounds`).
 from __future__ import annotations
 
 import calendar
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ def parse_span(value: Any) -> DateSpan | None:
     """The span of a FHIR date/dateTime/instant string; None when it is not one (or not a real date)."""
     if not isinstance(value, str):
         return None
+    return _parse_text(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_text(value: str) -> DateSpan | None:
+    """Memoised by the exact text: DateSpan is immutable, and a record (and every call) repeats its dates."""
     m = _DATE.match(value.strip())
     if not m:
         return None
@@ -66,7 +73,7 @@ def first_span(resource: Mapping[str, Any], paths: Iterable[str]) -> tuple[DateS
     for path in paths:
         node: Any = resource
         for part in path.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
+            node = node.get(part) if isinstance(node, dict) else None
         span = parse_span(node)
         if span is not None:
             return span, path

@@ -36,7 +36,7 @@ _STRENGTH = re.compile(r"(\d+(?:\.\d+)?)\s*MG\b", re.IGNORECASE)
 def duration_days(quantity: Any, *, unitless_is_days: bool = False) -> float | None:
     """A Duration / Quantity as days. `unitless_is_days` for elements that are days by definition
     (MedicationDispense.daysSupply); otherwise a missing or unknown unit gives None."""
-    if not isinstance(quantity, Mapping):
+    if not isinstance(quantity, dict):
         return None
     value = quantity.get("value")
     if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
@@ -52,13 +52,13 @@ def strength_mg(names: Iterable[str | None], medication: Mapping[str, Any] | Non
     """The strength of one unit (tablet, capsule) in mg: the Medication's ingredient strength (a Ratio of mg per
     1 unit), else the single "NN MG" in a product name (RxNorm SCD/SBD names carry it). Several strengths
     (combination products) or none: None."""
-    if isinstance(medication, Mapping):
+    if isinstance(medication, dict):
         for ingredient in as_list(medication.get("ingredient")):
-            ratio = ingredient.get("strength") if isinstance(ingredient, Mapping) else None
-            if isinstance(ratio, Mapping):
+            ratio = ingredient.get("strength") if isinstance(ingredient, dict) else None
+            if isinstance(ratio, dict):
                 mg = mass_mg(ratio.get("numerator"))
                 denominator = ratio.get("denominator")
-                per = denominator.get("value", 1) if isinstance(denominator, Mapping) else 1
+                per = denominator.get("value", 1) if isinstance(denominator, dict) else 1
                 if mg is not None and isinstance(per, int | float) and per == 1:
                     return mg
     for name in names:
@@ -71,7 +71,7 @@ def strength_mg(names: Iterable[str | None], medication: Mapping[str, Any] | Non
 
 def mass_mg(quantity: Any) -> float | None:
     """A Quantity in a mass unit, in mg; None for any other unit."""
-    if not isinstance(quantity, Mapping):
+    if not isinstance(quantity, dict):
         return None
     value = quantity.get("value")
     unit = quantity.get("code") or quantity.get("unit")
@@ -85,7 +85,7 @@ def _dose_mg(dose: Any, strength: float | None) -> float | None:
     mg = mass_mg(dose)
     if mg is not None:
         return mg
-    if not isinstance(dose, Mapping) or strength is None:
+    if not isinstance(dose, dict) or strength is None:
         return None
     value = dose.get("value")
     unit = dose.get("code") or dose.get("unit") or "1"
@@ -97,9 +97,9 @@ def _dose_mg(dose: Any, strength: float | None) -> float | None:
 def per_day(timing: Any) -> float | None:
     """Scheduled administrations per day from a Timing: repeat.frequency per period (periodUnit), a timing
     code (BID, Q8H …), or repeat.when alone (once a day). None without a schedule."""
-    if not isinstance(timing, Mapping):
+    if not isinstance(timing, dict):
         return None
-    repeat = timing.get("repeat") if isinstance(timing.get("repeat"), Mapping) else {}
+    repeat = timing.get("repeat") if isinstance(timing.get("repeat"), dict) else {}
     period, unit = repeat.get("period"), repeat.get("periodUnit")
     frequency = repeat.get("frequency", 1 if period is not None else None)
     if isinstance(frequency, int | float) and isinstance(period, int | float) and period > 0:
@@ -107,8 +107,8 @@ def per_day(timing: Any) -> float | None:
         if days:
             return float(frequency) / (float(period) * days)
     code = timing.get("code")
-    for coding in as_list(code.get("coding")) if isinstance(code, Mapping) else []:
-        if isinstance(coding, Mapping) and str(coding.get("code", "")).upper() in _TIMING_CODES:
+    for coding in as_list(code.get("coding")) if isinstance(code, dict) else []:
+        if isinstance(coding, dict) and str(coding.get("code", "")).upper() in _TIMING_CODES:
             return float(_TIMING_CODES[str(coding["code"]).upper()])
     if repeat.get("when") and frequency in (None, 1):
         return float(len(as_list(repeat["when"])))
@@ -121,17 +121,17 @@ def daily_dose_mg(dosages: Iterable[Any], strength: float | None) -> float | Non
     total = 0.0
     found = False
     for dosage in dosages:
-        if not isinstance(dosage, Mapping):
+        if not isinstance(dosage, dict):
             continue
         if dosage.get("asNeededBoolean") is True or dosage.get("asNeededCodeableConcept") is not None:
             return None
         dose = None
         for dose_rate in as_list(dosage.get("doseAndRate")):
-            if not isinstance(dose_rate, Mapping):
+            if not isinstance(dose_rate, dict):
                 continue
             if dose_rate.get("doseQuantity") is not None:
                 dose = _dose_mg(dose_rate["doseQuantity"], strength)
-            elif isinstance(dose_rate.get("doseRange"), Mapping):
+            elif isinstance(dose_rate.get("doseRange"), dict):
                 dose = _dose_mg(dose_rate["doseRange"].get("low"), strength)  # the least it can be
             if dose is not None:
                 break
@@ -145,7 +145,7 @@ def daily_dose_mg(dosages: Iterable[Any], strength: float | None) -> float | Non
 
 def supply_daily_mg(quantity: Any, days_supply: float | None, strength: float | None) -> float | None:
     """Average daily dose from a dispense: quantity (in tablets/capsules × strength, or in mg) / days supplied."""
-    if not days_supply or days_supply <= 0 or not isinstance(quantity, Mapping):
+    if not days_supply or days_supply <= 0 or not isinstance(quantity, dict):
         return None
     total = _dose_mg(quantity, strength)
     return round(total / days_supply, 3) if total is not None else None

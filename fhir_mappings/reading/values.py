@@ -57,7 +57,7 @@ class Reading:
 
     @property
     def concept(self) -> Concept | None:
-        return self.raw if self.kind == "CodeableConcept" and isinstance(self.raw, Mapping) else None
+        return self.raw if self.kind == "CodeableConcept" and isinstance(self.raw, dict) else None
 
     @property
     def boolean(self) -> bool | None:
@@ -69,7 +69,7 @@ class Reading:
 
     @property
     def unit(self) -> str | None:
-        if self.kind != "Quantity" or not isinstance(self.raw, Mapping):
+        if self.kind != "Quantity" or not isinstance(self.raw, dict):
             return None
         unit = self.raw.get("code") or self.raw.get("unit")
         return unit if isinstance(unit, str) else None
@@ -79,7 +79,7 @@ class Reading:
         plain number ("17", "17.0", "<5"). None for anything else."""
         if self.kind == "integer" and isinstance(self.raw, int) and not isinstance(self.raw, bool):
             return float(self.raw)
-        if self.kind == "Quantity" and isinstance(self.raw, Mapping):
+        if self.kind == "Quantity" and isinstance(self.raw, dict):
             value = self.raw.get("value")
             if not isinstance(value, int | float) or isinstance(value, bool):
                 return None
@@ -136,15 +136,15 @@ def readings(
     it carries `hasMember`) — the values of member Observations whose code is selected (resolved through
     `resolve`; members that cannot be resolved are skipped: they arrive as Observations of their own)."""
     code = observation.get("code")
-    own_selected = isinstance(code, Mapping) and selects(code)
+    own_selected = isinstance(code, dict) and selects(code)
     if own_selected:
         yield own_value(observation)
     found_inside = False
     for i, component in enumerate(as_list(observation.get("component"))):
-        if not isinstance(component, Mapping):
+        if not isinstance(component, dict):
             continue
         ccode = component.get("code")
-        if isinstance(ccode, Mapping) and selects(ccode):
+        if isinstance(ccode, dict) and selects(ccode):
             reading = own_value(component, f"component[{i}].")
             if reading.kind != "none":
                 found_inside = True
@@ -156,14 +156,14 @@ def readings(
                     reading.interpretation or interpretation_codes(observation),
                     reading.reference_range,
                 )
-    is_panel = isinstance(code, Mapping) and panel is not None and panel(code)
+    is_panel = isinstance(code, dict) and panel is not None and panel(code)
     if resolve is not None and (is_panel or observation.get("hasMember")):
         for i, ref in enumerate(as_list(observation.get("hasMember"))):
-            member = resolve(ref, observation) if isinstance(ref, Mapping) else None
-            if not isinstance(member, Mapping) or member is observation:
+            member = resolve(ref, observation) if isinstance(ref, dict) else None
+            if not isinstance(member, dict) or member is observation:
                 continue
             mcode = member.get("code")
-            if isinstance(mcode, Mapping) and selects(mcode):
+            if isinstance(mcode, dict) and selects(mcode):
                 reading = own_value(member)
                 if reading.kind != "none":
                     found_inside = True
@@ -187,10 +187,10 @@ def interpretation_codes(element: Mapping[str, Any]) -> frozenset[str]:
     """The v3/v2 interpretation codes of an Observation or component, upper-case ("H", "POS", "NEG" …)."""
     codes: set[str] = set()
     for concept in as_list(element.get("interpretation")):
-        if not isinstance(concept, Mapping):
+        if not isinstance(concept, dict):
             continue
         for coding in as_list(concept.get("coding")):
-            if not isinstance(coding, Mapping) or not isinstance(coding.get("code"), str):
+            if not isinstance(coding, dict) or not isinstance(coding.get("code"), str):
                 continue
             if coding.get("system") in (V3_INTERPRETATION, _V2_INTERPRETATION, None):
                 codes.add(coding["code"].strip().upper())
@@ -200,7 +200,7 @@ def interpretation_codes(element: Mapping[str, Any]) -> frozenset[str]:
 def reference_range(element: Mapping[str, Any]) -> tuple[float | None, float | None] | None:
     """(low, high) of the first reference range with a numeric bound."""
     for rng in as_list(element.get("referenceRange")):
-        if not isinstance(rng, Mapping):
+        if not isinstance(rng, dict):
             continue
         low = _quantity_number(rng.get("low"))
         high = _quantity_number(rng.get("high"))
@@ -210,7 +210,7 @@ def reference_range(element: Mapping[str, Any]) -> tuple[float | None, float | N
 
 
 def _quantity_number(quantity: Any) -> float | None:
-    if isinstance(quantity, Mapping):
+    if isinstance(quantity, dict):
         value = quantity.get("value")
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
