@@ -31,6 +31,7 @@ from cds_service.feedback import parse_feedback
 from cds_service.fhir_client import FhirClient
 from cds_service.hook import CallTrace, HookOutcome, handle_order_sign
 from cds_service.hook_request import ORDER_TYPES, JsonLimits, parse_json, warm_up_fhir_models
+from cds_service.json_answer import OrjsonProvider
 from cds_service.observability import install as install_observability
 from fhir_mappings.mappings import Mappings
 from fhir_mappings.resource_shapes import warm_up as warm_up_shapes
@@ -132,7 +133,7 @@ def create_app(
 
     app = Flask("ketamine_cds")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = OrjsonProvider(app)  # answers serialised in C (cds_service/json_answer.py)
     app.extensions["ketamine_cds"] = state
     app.wsgi_app = _CollapseSlashes(app.wsgi_app)  # type: ignore[method-assign]
     # Browser clients (the CDS Hooks sandbox): preflight answered without auth, headers on every response.
