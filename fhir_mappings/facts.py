@@ -621,6 +621,7 @@ class FactContext:
         self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._verdicts: dict[tuple[int, int], bool | None] = {}
         self._plan: list[tuple[Resource, tuple[Any, ...] | None]] | None = None
+        self._availability: dict[tuple[str, ...], Availability] = {}
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -647,6 +648,13 @@ class FactContext:
 
     # -- helpers shared with derivations ------------------------------------------------------------
     def availability(self, *resource_types: str) -> Availability:
+        """The weakest availability of the types (once per combination: every fact's `make_fact` asks)."""
+        known = self._availability.get(resource_types)
+        if known is None:
+            known = self._availability[resource_types] = self._availability_of(resource_types)
+        return known
+
+    def _availability_of(self, resource_types: tuple[str, ...]) -> Availability:
         states = [self.record.availability(t) for t in resource_types]
         if all(s is Availability.READ for s in states):
             return Availability.READ
@@ -851,7 +859,7 @@ class FactContext:
             for resource in self.record.of_type(rtype):
                 if resource.get("status") in done:
                     continue
-                concepts = [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
+                concepts = [c for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
                 if not concepts:
                     continue
                 matched = [vs for vs in definition.valuesets if self.match(vs, concepts) is not None]

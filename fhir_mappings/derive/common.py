@@ -48,14 +48,14 @@ def reasons(ctx: FactContext, resource: Resource) -> tuple[list[tuple[dict[str, 
     """The indications a resource states, each with the resource that holds it: reasonCode (the resource
     itself), and the code of each reasonReference (Condition, Observation, Procedure …) resolved in the
     record; also whether every reference resolved."""
-    found = [(dict(c), resource) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
+    found = [(c, resource) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
     resolved = True
     for ref in as_list(resource.get("reasonReference")):
         target = ctx.record.resolve(ref, within=resource)
         if target is None:
             resolved = False
         elif isinstance(target.get("code"), dict):
-            found.append((dict(target["code"]), target))
+            found.append((target["code"], target))
     return found, resolved
 
 
@@ -211,7 +211,7 @@ def mention(ctx: FactContext, resource: Resource, valuesets: Sequence[str], *, t
     only a negated one ("KAP not discussed") is not."""
     concepts: list[dict[str, Any]] = []
     for key in _CODED_KEYS:
-        concepts.extend(dict(c) for c in as_list(resource.get(key)) if isinstance(c, dict))
+        concepts.extend(c for c in as_list(resource.get(key)) if isinstance(c, dict))
     coded_only = [{"coding": c.get("coding")} for c in concepts if c.get("coding")]
     coded = first_match(ctx, valuesets, coded_only)
     if coded is not None:
@@ -251,7 +251,7 @@ def coded_events(ctx: FactContext, valuesets: Sequence[str]) -> list[tuple[Resou
         for resource in ctx.record.of_type(rtype):
             if status(resource) not in DONE_STATUSES[rtype]:
                 continue
-            concepts = [dict(c) for c in as_list(resource.get(key)) if isinstance(c, dict)]
+            concepts = [c for c in as_list(resource.get(key)) if isinstance(c, dict)]
             match = first_match(ctx, valuesets, concepts)
             if match is not None:
                 records.append((resource, match))

@@ -35,7 +35,7 @@ def refused_treatments(ctx: FactContext, params: Mapping[str, Any], fact: Derive
             treated = first_match(ctx, conditions, concepts) if concepts else None
             if treated is None:
                 continue
-            why = [dict(c) for c in as_list(resource.get("statusReason")) if isinstance(c, dict)]
+            why = [c for c in as_list(resource.get("statusReason")) if isinstance(c, dict)]
             refusal = ctx.match(params["reasons"], why) if why else None
             if refusal is None:
                 continue

@@ -63,7 +63,7 @@ def _purpose(
         said, why = purpose_of(ctx, record, psychiatric)
         if said is not None:
             verdicts.append((said, why))
-        codes = [dict(c) for c in [record.get("code"), *as_list(record.get("type"))] if isinstance(c, dict)]
+        codes = [c for c in [record.get("code"), *as_list(record.get("type"))] if isinstance(c, dict)]
         session = ctx.match(params["session_codes"], codes) if codes else None
         if session is not None and session.via != "text":
             verdicts.append((True, "KAP session code"))
@@ -71,7 +71,7 @@ def _purpose(
             parent = ctx.record.resolve(ref, within=record)
             pcode = parent.get("code") if isinstance(parent, dict) else None
             if params.get("other_procedures") and isinstance(pcode, dict):
-                found = ctx.match(params["other_procedures"], [dict(pcode)])
+                found = ctx.match(params["other_procedures"], [pcode])
                 if found is not None:
                     verdicts.append((False, f"part of {found.label()}"))
         for key in ("context", "encounter"):
@@ -82,7 +82,7 @@ def _purpose(
             emergency = params.get("emergency_classes")
             if emergency and isinstance(cls, dict) and ctx.match(emergency, [{"coding": [dict(cls)]}]) is not None:
                 verdicts.append((False, "given in an emergency encounter"))
-            types = [dict(c) for c in as_list(encounter.get("type")) if isinstance(c, dict)]
+            types = [c for c in as_list(encounter.get("type")) if isinstance(c, dict)]
             if params.get("other_procedures") and types:
                 found = ctx.match(params["other_procedures"], types)
                 if found is not None:
@@ -107,7 +107,7 @@ def _route_iv(ctx: FactContext, records: list[Resource], params: Mapping[str, An
         dosage = record.get("dosage") if isinstance(record.get("dosage"), dict) else {}
         route = dosage.get("route") if isinstance(dosage, dict) else None
         if isinstance(route, dict):
-            routes.append(ctx.match(params["route_iv"], [dict(route)]) is not None)
+            routes.append(ctx.match(params["route_iv"], [route]) is not None)
     if not routes:
         return None
     return True if all(routes) else (False if not any(routes) else None)
@@ -158,7 +158,7 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
         for resource in ctx.record.of_type(rtype):
             if status(resource) not in DONE_STATUSES[rtype] or reference_of(resource) in not_done:
                 continue
-            concepts = [dict(c) for c in concepts_of(resource) if isinstance(c, dict)]
+            concepts = [c for c in concepts_of(resource) if isinstance(c, dict)]
             session = ctx.match(params["session_codes"], concepts)
             if session is not None and not (rtype == "Encounter" and session.via == "text"):
                 # An Encounter is a session only when its type is coded as one: a visit named "KAP dosing
@@ -169,7 +169,7 @@ def ketamine_administrations(ctx: FactContext, params: Mapping[str, Any], fact: 
             if infusion is None:
                 continue
             named = concepts + [
-                dict(c) for c in as_list(resource.get("usedCode")) + as_list(resource.get("reasonCode"))
+                c for c in as_list(resource.get("usedCode")) + as_list(resource.get("reasonCode"))
                 if isinstance(c, dict)
             ]  # fmt: skip
             if ctx.match(params["ketamine"], named) is not None:

@@ -67,7 +67,7 @@ def _roles_by_practitioner(ctx: FactContext) -> dict[str, list[Resource]]:
 
 
 def _role_concepts(role: Resource) -> list[dict[str, Any]]:
-    return [dict(c) for c in as_list(role.get("specialty")) + as_list(role.get("code")) if isinstance(c, dict)]
+    return [c for c in as_list(role.get("specialty")) + as_list(role.get("code")) if isinstance(c, dict)]
 
 
 def lookup_roles(
@@ -225,7 +225,7 @@ def order_setting(ctx: FactContext, params: Mapping[str, Any], fact: DeriveFact)
         if params.get("home_location_types"):
             choices.append(("home", params["home_location_types"]))
         for setting, vs in choices:
-            match = ctx.match(vs, [dict(concept)])
+            match = ctx.match(vs, [concept])
             if match is not None:
                 items.append(
                     Item(
@@ -355,7 +355,7 @@ def evaluations_by_role(ctx: FactContext, params: Mapping[str, Any], fact: Deriv
                 linked[key] = resource
     items: list[Item] = []
     for resource, concepts, actors in sources:
-        match = ctx.match(params["codes"], [dict(c) for c in concepts if isinstance(c, dict)])
+        match = ctx.match(params["codes"], [c for c in concepts if isinstance(c, dict)])
         if match is None:
             continue
         if resource.get("resourceType") == "Encounter" and reference_of(resource) in linked:

@@ -138,9 +138,9 @@ def exposure_of(ctx: FactContext, resource: Resource, reason_vs: str | None) -> 
     state = status(resource)
     reason_match = None
     if reason_vs:
-        reasons = [dict(c) for c in as_list(resource.get("statusReason")) if isinstance(c, dict)]
+        reasons = [c for c in as_list(resource.get("statusReason")) if isinstance(c, dict)]
         if state in ("stopped", "completed"):
-            reasons += [dict(c) for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
+            reasons += [c for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
         reason_match = ctx.match(reason_vs, reasons) if reasons else None
     strength = _strength(ctx, resource)
     if rtype == "MedicationStatement":
@@ -672,7 +672,7 @@ def _oral_or_unstated(ctx: FactContext, resource: Resource, route_oral_vs: str) 
     for dosage in as_list(resource.get("dosageInstruction")) + as_list(resource.get("dosage")):
         route = dosage.get("route") if isinstance(dosage, dict) else None
         if isinstance(route, dict):
-            routes.append(dict(route))
+            routes.append(route)
     return not routes or ctx.match(route_oral_vs, routes) is not None
 
 
