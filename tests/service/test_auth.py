@@ -383,6 +383,34 @@ def test_tampered_payload_is_rejected(es_key: SandboxKey, clock: FakeClock) -> N
         verifier.verify(f"Bearer {tampered}", AUD)
 
 
+def test_tampered_header_is_rejected(es_key: SandboxKey, clock: FakeClock) -> None:
+    """The signature covers the header segment too: one changed header member (still valid) fails it."""
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    _header, payload, signature = token(es_key, clock).split(".")
+    header = {"alg": "ES384", "kid": es_key.kid, "typ": "jwt"}  # typ spelled otherwise: accepted, but not signed
+    tampered = f"{b64url(json.dumps(header).encode())}.{payload}.{signature}"
+    with pytest.raises(AuthError, match="bad signature"):
+        verifier.verify(f"Bearer {tampered}", AUD)
+
+
+@pytest.mark.parametrize("cut", [1, 8, 40])
+def test_truncated_signature_is_rejected(cut: int, es_key: SandboxKey, clock: FakeClock) -> None:
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    signed = token(es_key, clock)
+    with pytest.raises(AuthError, match=r"bad signature|malformed token|signature check"):
+        verifier.verify(f"Bearer {signed[:-cut]}", AUD)
+
+
+@pytest.mark.parametrize("b64", [False, "false", 0])
+def test_unencoded_payload_header_is_rejected(b64: object, es_key: SandboxKey, clock: FakeClock) -> None:
+    """RFC 7797 `b64: false` changes what the signature covers: never a CDS Hooks token, refused before the key."""
+    verifier = verifier_for(issuers_with(inline_issuer([es_key])), clock)
+    header = {"alg": "ES384", "kid": es_key.kid, "typ": "JWT", "b64": b64}
+    forged = hand_built_token(header, standard_claims(clock), sign=lambda _d: b"x")
+    with pytest.raises(AuthError, match="b64 header not supported"):
+        verifier.verify(f"Bearer {forged}", AUD)
+
+
 def test_rsa_key_cannot_verify_an_es384_token(rs_key: SandboxKey, clock: FakeClock) -> None:
     """The kid points at an RSA key, the header says ES384: the key type must follow the header alg."""
     impostor = generate_key("ES384", kid=rs_key.kid)
