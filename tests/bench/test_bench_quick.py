@@ -51,6 +51,7 @@ def test_quick_bench_prints_every_case_with_numbers() -> None:
         "prefetch_60_p99_vs_floor_p99",
         "per_resource_10000_vs_300",
         "fallback_vs_prefetch_plus_slowest_query",
+        "fallback_vs_prefetch_plus_all_queries",
         "throughput_vs_floor",
         "startup_vs_bare_flask",
     ):
