@@ -661,7 +661,8 @@ _payloads = st.recursive(
 @given(payload=_payloads)
 def test_one_walk_scrubs_and_sanitises_as_the_two_did(payload: Any) -> None:
     expected = audit.sanitise_for_store(audit.scrub_secrets(payload))
-    assert audit._scrubbed_for_store(payload) == expected
+    assert audit._scrubbed_walk(payload) == expected
+    assert audit._json_text(audit._scrubbed_for_store(payload)) == audit._json_text(expected)  # fast path: same text
     assert json.loads(audit._json_text(expected)) == json.loads(json.dumps(expected))
 
 
@@ -669,3 +670,35 @@ def test_json_columns_refuse_what_the_stdlib_refuses() -> None:
     with pytest.raises(TypeError):
         audit._json_text({"when": datetime.now(UTC)})
     assert json.loads(audit._json_text({"big": 10**30, 1: "x"})) == {"big": 10**30, "1": "x"}
+
+
+_payload_text = st.text(alphabet=st.sampled_from(["a", "K", "\u212a", "_", "\x00", "\ud800", "\u00e9", '"', "\\", ":"]))
+_secretish_keys = st.sampled_from(
+    ["access_token", "ACCESS_TOKEN", "id_to\u212aen", "Refresh_Token", "fhirAuthorization"]  # U+212A: Kelvin sign
+)
+_store_payloads = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | _payload_text,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.tuples(inner, inner)
+    | st.dictionaries(_payload_text | _secretish_keys | st.integers(0, 3), inner, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(_store_payloads)
+def test_a_payload_stored_as_is_is_what_the_walk_would_store(payload: Any) -> None:
+    """The fast path (`_storable_as_is`) never keeps a secret key, a NUL, a lone surrogate or a NaN the walk would
+    remove or replace: whenever it says "as is", the stored JSON text is the walk's."""
+    walked = audit._scrubbed_walk(payload)
+    if audit._storable_as_is(payload):
+        assert audit._json_text(payload) == audit._json_text(walked)
+    assert audit._json_text(audit._scrubbed_for_store(payload)) == audit._json_text(walked)
+
+
+def test_typical_cards_take_the_fast_path_and_secrets_do_not() -> None:
+    cards = [{"summary": "Likely to be authorized – MGB 031 ≥ 3 criteria", "indicator": "info", "detail": "x" * 500}]
+    assert audit._storable_as_is(cards) and audit._scrubbed_for_store(cards) is cards
+    leaked = [{"summary": "s", "links": [{"Access_Token": "abc"}]}]
+    assert not audit._storable_as_is(leaked)
+    assert audit._scrubbed_for_store(leaked) == [{"summary": "s", "links": [{}]}]
