@@ -75,7 +75,7 @@ _TRANSIENT_RETRY_DELAYS_S = (0.2, 1.0)  # back-off before retrying a batch after
 _DROP_WARNING_INTERVAL_S = 30.0  # at most one "queue full" warning per interval, so a flood cannot flood the log
 _PG_DDL_LOCK_KEY = 0x6B6574616D696E  # pg_advisory_xact_lock key: serialises CREATE TABLE across workers
 _STOP = object()  # queue sentinel that tells the writer thread to exit
-WRITER_LINGER_S = 0.05  # the writer waits this long for more records once one arrived: fewer, larger transactions
+WRITER_LINGER_S = 0.05  # the writer sleeps this long once a record arrived, then takes all queued (fewer commits)
 
 
 class AuditStoreError(RuntimeError):
@@ -777,10 +777,13 @@ class AuditStore:
             first = writer_queue.get()
             stop = first is _STOP
             batch: list[HookCallRecord] = [] if stop else [first]
-            linger_until = time.monotonic() + WRITER_LINGER_S
+            if not stop:
+                # Sleep through the linger, then take what queued meanwhile: a writer waiting on the queue instead
+                # would be woken by every call's put (a thread switch on the request path, per call).
+                time.sleep(WRITER_LINGER_S)
             while not stop and len(batch) < MAX_BATCH:
                 try:
-                    item = writer_queue.get(timeout=max(0.0, linger_until - time.monotonic()))
+                    item = writer_queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
