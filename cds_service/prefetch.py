@@ -572,9 +572,24 @@ _ReferencePlan = Mapping[str, tuple[_CompiledRule, ...]]  # resource type -> its
 _WILDCARD = None  # a `[*]` step; a field step is its name
 
 
-@functools.lru_cache(maxsize=16)
+_plans: dict[int, tuple[tuple[ResolveRule, ...], _ReferencePlan]] = {}  # id(rules) -> (rules, their plan)
+
+
 def _reference_plan(rules: tuple[ResolveRule, ...]) -> _ReferencePlan:
-    """The rules by resource type with their paths compiled to finders: once per loaded query set, not per call."""
+    """The plan of a loaded query set's rules, compiled on its first call: looked up by identity, because hashing
+    the rules (their compiled paths and all) would cost more than the lookup saves."""
+    entry = _plans.get(id(rules))
+    if entry is not None and entry[0] is rules:  # the entry holds `rules`, so their id is not reused meanwhile
+        return entry[1]
+    plan = _compile_plan(rules)
+    if len(_plans) >= 16:  # tests load many query sets; a service loads one
+        _plans.clear()
+    _plans[id(rules)] = (rules, plan)
+    return plan
+
+
+def _compile_plan(rules: tuple[ResolveRule, ...]) -> _ReferencePlan:
+    """The rules by resource type with their paths compiled to finders."""
     by_type: dict[str, list[_CompiledRule]] = {}
     for rule in rules:
         finders = []
