@@ -16,6 +16,7 @@ Every step is linear in the size of the record, and each resource is walked once
 from __future__ import annotations
 
 import calendar
+import functools
 import logging
 import re
 import time
@@ -25,11 +26,13 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import unquote, urljoin
 
+from jsonpath_ng import jsonpath
+
 from cds_service.errors import Issue, ServiceError
 from cds_service.fhir_client import FetchResult, FhirClient, bundle_entries, next_link
 from fhir_mappings.queries import PrefetchQuery, QuerySet, ResolveRule
 from fhir_mappings.record import Availability, PatientRecord, QueryOutcome, reference_key
-from fhir_mappings.resource_shapes import shape_problems
+from fhir_mappings.resource_shapes import is_readable, shape_problems
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,9 @@ def _other_patient(resource: Mapping[str, Any], patient_id: str) -> bool:
         return resource.get("id") != patient_id
     for element in _PATIENT_ELEMENTS:
         ref = resource.get(element)
-        target = ref.get("reference") if isinstance(ref, Mapping) else None
+        if ref is None:
+            continue
+        target = ref.get("reference") if type(ref) is dict or isinstance(ref, Mapping) else None
         if isinstance(target, str) and "Patient/" in target:
             return target.rstrip("/").split("/")[-1] != patient_id
     return False
@@ -131,9 +136,8 @@ class _Collected:
         added: list[dict] = []
         dropped: list[int] = []
         for resource in resources:
-            problems = shape_problems(resource)
-            if problems:
-                self._unreadable(resource, problems, query)
+            if not is_readable(resource):  # the detailed problems only for the few that are not
+                self._unreadable(resource, shape_problems(resource), query)
                 dropped.append(id(resource))
                 continue
             if self.patient_id and _other_patient(resource, self.patient_id):
@@ -439,10 +443,7 @@ def _resolve_references(
     "PractitionerRole?practitioner=x" -> reason.
     """
     limits = queries.limits
-    rules_by_type: dict[str, list[ResolveRule]] = {}
-    for rule in queries.resolve_rules:
-        for rtype in rule.from_types:
-            rules_by_type.setdefault(rtype, []).append(rule)
+    plan = _reference_plan(queries.resolve_rules)
     base = fhir.base_url.rstrip("/") + "/"
     known = set(collected.keys)
     known.update(k for k in (_key_of(d) for d in draft_orders if isinstance(d, dict)) if k)
@@ -451,15 +452,17 @@ def _resolve_references(
     per_type: dict[str, int] = {}
     fetched = 0
 
-    sources: list[tuple[dict, bool]] = [(r, False) for r in collected.resources]
-    sources.extend((d, True) for d in draft_orders if isinstance(d, dict))
+    sources: list[dict] = collected.resources  # first the whole record (read before this round adds to it)
     extra: list[str] = [user_id] if isinstance(user_id, str) else []
+    drafts = [d for d in draft_orders if isinstance(d, dict)]
 
     for _round in range(limits.reference_rounds):
         wanted: dict[str, list[str]] = {}
         practitioners: list[str] = []
         seen: set[str] = set()  # the same reference recurs in many resources; look at each once per round
-        for reference in [*extra, *_references(sources, rules_by_type, now)]:
+        references = [*extra, *_references(sources, plan, now)]
+        references.extend(_references(drafts, plan, now, drafts=True))
+        for reference in references:
             if reference in seen:
                 continue
             seen.add(reference)
@@ -482,7 +485,7 @@ def _resolve_references(
                 continue
             per_type[rtype] = per_type.get(rtype, 0) + 1
             wanted.setdefault(rtype, []).append(rid)
-        extra = []
+        extra, drafts = [], []
 
         requests: dict[str, str] = {}
         batches: dict[str, tuple[str, list[str]]] = {}
@@ -523,38 +526,149 @@ def _resolve_references(
                 elif key not in known:
                     unresolved[key] = failure or "not found"
         fetched += len(added_this_round)
-        sources = [(r, False) for r in added_this_round]
+        sources = added_this_round
     return fetched
 
 
-def _references(
-    sources: Iterable[tuple[dict, bool]], rules_by_type: Mapping[str, list[ResolveRule]], now: datetime
-) -> Iterator[str]:
-    """Reference strings the rules point at, from each source resource (drafts flagged True)."""
+def _references(resources: Iterable[dict], plan: _ReferencePlan, now: datetime, *, drafts: bool = False) -> list[str]:
+    """Reference strings the rules point at, from each resource in order (`drafts`: these are the draft orders)."""
     today = now.date()
-    for resource, is_draft in sources:
+    earliest: dict[int, date] = {}  # within_days -> the earliest date still in the window
+    found: list[str] = []
+    for resource in resources:
         resource_type = resource.get("resourceType")
-        rules = rules_by_type.get(resource_type) if isinstance(resource_type, str) else None
-        if not rules:
+        rules = plan.get(resource_type) if isinstance(resource_type, str) else None
+        if rules is None:
             continue
         dated = False  # the date is looked up at most once per resource, and only if a rule has a window
         resource_date: date | None = None
         for rule in rules:
-            if rule.draft_orders_only and not is_draft:
+            if rule.draft_orders_only and not drafts:
                 continue
             if rule.within_days is not None:
                 if not dated:
                     resource_date, dated = _resource_date(resource), True
-                if resource_date is not None and resource_date < today - timedelta(days=rule.within_days):
-                    continue
-            for path, text in zip(rule.paths, rule.path_texts, strict=True):
-                top = _TOP_FIELD.match(text)
-                if top and top.group(1) not in resource:
-                    continue  # most resources lack most referencing elements: skip jsonpath-ng's slower walk
-                for match in path.find(resource):
-                    reference = _reference_of(match)
-                    if reference:
-                        yield reference
+                if resource_date is not None:
+                    if rule.within_days not in earliest:
+                        earliest[rule.within_days] = today - timedelta(days=rule.within_days)
+                    if resource_date < earliest[rule.within_days]:
+                        continue
+            for top, find in rule.finders:
+                if top is None or top in resource:  # most resources lack most referencing elements
+                    found.extend(find(resource))
+    return found
+
+
+@dataclass(frozen=True)
+class _CompiledRule:
+    """A resolve rule with its paths compiled: each as (the top element it needs, or None; its finder)."""
+
+    draft_orders_only: bool
+    within_days: int | None
+    finders: tuple[tuple[str | None, Callable[[dict], list[str]]], ...]
+
+
+_ReferencePlan = Mapping[str, tuple[_CompiledRule, ...]]  # resource type -> its rules, in the file's order
+_WILDCARD = None  # a `[*]` step; a field step is its name
+
+
+_plans: dict[int, tuple[tuple[ResolveRule, ...], _ReferencePlan]] = {}  # id(rules) -> (rules, their plan)
+
+
+def _reference_plan(rules: tuple[ResolveRule, ...]) -> _ReferencePlan:
+    """The plan of a loaded query set's rules, compiled on its first call: looked up by identity, because hashing
+    the rules (their compiled paths and all) would cost more than the lookup saves."""
+    entry = _plans.get(id(rules))
+    if entry is not None and entry[0] is rules:  # the entry holds `rules`, so their id is not reused meanwhile
+        return entry[1]
+    plan = _compile_plan(rules)
+    if len(_plans) >= 16:  # tests load many query sets; a service loads one
+        _plans.clear()
+    _plans[id(rules)] = (rules, plan)
+    return plan
+
+
+def _compile_plan(rules: tuple[ResolveRule, ...]) -> _ReferencePlan:
+    """The rules by resource type with their paths compiled to finders."""
+    by_type: dict[str, list[_CompiledRule]] = {}
+    for rule in rules:
+        finders = []
+        for path, text in zip(rule.paths, rule.path_texts, strict=True):
+            top = _TOP_FIELD.match(text)
+            finders.append((top.group(1) if top else None, _reference_finder(path)))
+        compiled = _CompiledRule(rule.draft_orders_only, rule.within_days, tuple(finders))
+        for resource_type in rule.from_types:
+            by_type.setdefault(resource_type, []).append(compiled)
+    return {resource_type: tuple(entries) for resource_type, entries in by_type.items()}
+
+
+def _reference_finder(path: Any) -> Callable[[dict], list[str]]:
+    """The non-empty reference strings a jsonpath selects in a resource, as `_jsonpath_references` finds them.
+
+    The paths `queries.yaml` uses (`$.a`, `$.a[*]`, `$.a[*].b`) are walked directly over the JSON; any other
+    jsonpath-ng expression keeps jsonpath-ng (`tests/service/test_prefetch_references.py` pins the two alike).
+    """
+    steps = _direct_steps(path)
+    if steps is None:
+        return functools.partial(_jsonpath_references, path)
+    return functools.partial(_walk_references, steps)
+
+
+def _direct_steps(path: Any) -> tuple[str | None, ...] | None:
+    """`$.a[*].b` as ("a", _WILDCARD, "b"); None for anything but root, single plain fields and `[*]`."""
+    if type(path) is jsonpath.Root:
+        return ()
+    if type(path) is not jsonpath.Child or jsonpath.auto_id_field is not None:
+        return None
+    left = _direct_steps(path.left)
+    right = path.right
+    if left is None:
+        return None
+    if type(right) is jsonpath.Wildcard:
+        return (*left, _WILDCARD)
+    if type(right) is jsonpath.Fields and len(right.fields) == 1 and not right._deprecated_wildcard_use:
+        return (*left, right.fields[0])
+    return None
+
+
+def _walk_references(steps: tuple[str | None, ...], resource: dict) -> list[str]:
+    """jsonpath-ng's matches of `steps` over JSON values, in its order, each with the name that selected it: a
+    field step selects a member of an object; `[*]` every member of an object and every item of an array."""
+    selected: list[tuple[Any, str | None]] = [(resource, None)]
+    for step in steps:
+        found: list[tuple[Any, str | None]] = []
+        if step is _WILDCARD:
+            for value, _ in selected:
+                if isinstance(value, dict):
+                    found.extend((item, key) for key, item in value.items())
+                elif isinstance(value, list | tuple):
+                    found.extend((item, None) for item in value)
+        else:
+            for value, _ in selected:
+                if isinstance(value, dict) and step in value:
+                    found.append((value[step], step))
+        if not found:
+            return []
+        selected = found
+    references: list[str] = []
+    for value, name in selected:  # as `_reference_of`: a Reference's `reference`, or a string selected by that name
+        if isinstance(value, dict):
+            reference = value.get("reference")
+            if isinstance(reference, str) and reference:
+                references.append(reference)
+        elif name == "reference" and isinstance(value, str) and value:
+            references.append(value)
+    return references
+
+
+def _jsonpath_references(path: Any, resource: dict) -> list[str]:
+    """The reference strings of jsonpath-ng's matches: what the direct walk must equal."""
+    references: list[str] = []
+    for match in path.find(resource):
+        reference = _reference_of(match)
+        if reference:
+            references.append(reference)
+    return references
 
 
 def _reference_of(match: Any) -> str | None:
@@ -608,6 +722,12 @@ def _resource_date(resource: Mapping[str, Any]) -> date | None:
 
 def _parse_date(text: str) -> date | None:
     """A FHIR date/dateTime/instant as a date; `2024` -> 2024-12-31, `2024-05` -> 2024-05-31."""
+    digits = text[:4] + text[5:7] + text[8:10]
+    if text[4:5] == "-" and text[7:8] == "-" and len(digits) == 8 and digits.isdecimal():
+        try:  # a full date, the common case: what the pattern below reads, without it
+            return date(int(text[:4]), int(text[5:7]), int(text[8:10]))
+        except ValueError:
+            return None
     match = _PARTIAL_DATE.match(text)
     if not match:
         return None

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["shape_problems", "warm_up"]
+__all__ = ["is_readable", "shape_problems", "warm_up"]
 
 MAX_PROBLEMS = 3  # per resource: enough to tell an EHR developer what to fix, bounded output
 
@@ -147,6 +147,13 @@ def shape_problems(resource: Any, *, limit: int = MAX_PROBLEMS) -> list[str]:
     A resource must be an object with a string `resourceType` (of a type R4 defines) and, when present, a
     string `id`; every element present must have the R4 shape.
     """
+    if is_readable(resource):  # the common case: a compiled yes/no walk, no path string built per element
+        return []
+    return _problems(resource, limit)
+
+
+def _problems(resource: Any, limit: int) -> list[str]:
+    """The detailed walk: every problem with its path, up to `limit` (the reference `is_readable` answers)."""
     if not isinstance(resource, dict):
         return ["not a JSON object"]
     resource_type = resource.get("resourceType")
@@ -157,65 +164,149 @@ def shape_problems(resource: Any, *, limit: int = MAX_PROBLEMS) -> list[str]:
         return ["resourceType: not an R4 resource type"]
     if "id" in resource and not isinstance(resource["id"], str):
         return [f"{resource_type}.id: expected a string"]
-    if _object_ok(resource, model):  # the common case, without building a path string per element
-        return []
     problems: list[str] = []
     _check_object(resource, model, resource_type, problems, limit)
     return problems
 
 
-_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
-    _STRING: (str,),
-    _BOOLEAN: (bool,),
-    _INTEGER: (int,),
-    _DECIMAL: (int, float),
-}
-
-
-@functools.cache
-def _plan(model: Any) -> dict[str, tuple[bool, tuple[type, ...] | None, Any]]:
-    """Per JSON name: (is a list, the Python types a primitive must have or None, the model of a complex element or
-    `_RESOURCE` or None) — `_elements` resolved once, so the yes/no walk does no attribute or cache lookups."""
-    plan: dict[str, tuple[bool, tuple[type, ...] | None, Any]] = {}
-    for key, element in _elements(model).items():
-        if element.kind == "complex":
-            plan[key] = (element.is_list, None, _model_of_complex(element.model))
-        elif element.kind == _RESOURCE:
-            plan[key] = (element.is_list, None, _RESOURCE)
-        else:
-            plan[key] = (element.is_list, _SCALAR_TYPES[element.kind], None)
-    return plan
-
-
-def _object_ok(value: dict[str, Any], model: Any) -> bool:
-    """True exactly when `_check_object` would find no problem (the same walk, answering only yes or no)."""
-    plan = _plan(model)
-    for key, item in value.items():
-        step = plan.get(key)
-        if step is None:
-            continue
-        is_list, scalar, inner = step
-        if is_list:
-            if not isinstance(item, list):
-                return False
-            for entry in item:
-                if entry is None and scalar is not None:
-                    continue  # null in a primitive array: its value is in `_key` (FHIR JSON)
-                if not _item_ok(entry, scalar, inner):
-                    return False
-        elif not _item_ok(item, scalar, inner):
-            return False
-    return True
-
-
-def _item_ok(item: Any, scalar: tuple[type, ...] | None, inner: Any) -> bool:
-    if scalar is not None:  # `_shape_ok` for primitives: bool is no integer or decimal
-        return isinstance(item, scalar) and (scalar[0] is bool or not isinstance(item, bool))
-    if not isinstance(item, dict):
+def is_readable(resource: Any) -> bool:
+    """`shape_problems(resource) == []`, answered yes or no: what the gatherer asks of every resource."""
+    if not isinstance(resource, dict):
         return False
-    if inner is _RESOURCE:
-        return not shape_problems(item)
-    return _object_ok(item, inner)
+    resource_type = resource.get("resourceType")
+    check = _resource_checks.get(resource_type) if type(resource_type) is str else None
+    if check is None:
+        if not isinstance(resource_type, str):
+            return False
+        model = _resource_model(resource_type)
+        if model is None:
+            return False
+        check = _checker(model)
+        _resource_checks[resource_type] = check
+    if "id" in resource and not isinstance(resource["id"], str):
+        return False
+    return check(resource)
+
+
+# -- the compiled yes/no walk ---------------------------------------------------------------------------
+# One closure per model, built once (at `warm_up`, else on first use), over tables that sort the model's
+# elements by the JSON type they accept. The walk dispatches on the type of each value first: a string (most
+# values) costs one set lookup. It answers exactly what `_check_object` finds (`tests/mappings/test_shape_fast.py`
+# pins it); values of other Python types than the JSON parser makes (subclasses) go to `_check_object` itself.
+
+_Check = typing.Callable[[dict[str, Any]], bool]
+_checkers: dict[Any, _Check] = {}  # model -> its walk; only complete ones (built under `_lock`)
+_resource_checks: dict[str, _Check] = {}  # resourceType -> the walk of its model
+
+
+def _checker(model: Any) -> _Check:
+    """The yes/no walk of a model: built with every model it reaches, published only when all are complete
+    (a half-built walk would judge wrongly in another thread)."""
+    check = _checkers.get(model)
+    if check is not None:
+        return check
+    with _lock:
+        building: dict[Any, _Check] = {}
+        check = _build_checker(model, building)
+        _checkers.update(building)
+    return check
+
+
+def _build_checker(model: Any, building: dict[Any, _Check]) -> _Check:
+    check = _checkers.get(model) or building.get(model)
+    if check is not None:
+        return check
+    elements = _elements(model)
+    known = frozenset(elements)
+    # Known elements a value of that JSON type does not fit (an unknown element fits anything).
+    not_str = set(known)
+    not_bool = set(known)
+    not_int = set(known)
+    not_float = set(known)
+    objects: dict[str, _Check] = {}  # 0..1 complex or resource element -> the walk of its value
+    object_lists: dict[str, _Check] = {}  # 0..* complex or resource element -> the walk of each item
+    primitive_lists: dict[str, typing.Callable[[list[Any]], bool]] = {}
+
+    def check(value: dict[str, Any]) -> bool:
+        for key, item in value.items():
+            kind = type(item)
+            if kind is str:
+                if key in not_str:
+                    return False
+            elif kind is dict:
+                walk = objects.get(key)
+                if walk is None:
+                    if key in known:
+                        return False
+                elif not walk(item):
+                    return False
+            elif kind is list:
+                walk = object_lists.get(key)
+                if walk is not None:
+                    for entry in item:
+                        if not isinstance(entry, dict) or not walk(entry):
+                            return False
+                else:
+                    primitives_ok = primitive_lists.get(key)
+                    if primitives_ok is None:
+                        if key in known:
+                            return False
+                    elif not primitives_ok(item):
+                        return False
+            elif kind is bool:
+                if key in not_bool:
+                    return False
+            elif kind is int:
+                if key in not_int:
+                    return False
+            elif kind is float:
+                if key in not_float:
+                    return False
+            elif item is None:
+                if key in known:
+                    return False
+            elif key in known:  # not a type the JSON parser makes: the detailed walk decides
+                problems: list[str] = []
+                _check_object({key: item}, model, "", problems, 1)
+                if problems:
+                    return False
+        return True
+
+    building[model] = check  # before the elements: models reach themselves (Extension.extension, ...)
+    for key, element in elements.items():
+        if element.kind in ("complex", _RESOURCE):
+            if element.kind == _RESOURCE:
+                walk = is_readable
+            else:
+                walk = _build_checker(_model_of_complex(element.model), building)
+            (object_lists if element.is_list else objects)[key] = walk
+        elif element.is_list:
+            primitive_lists[key] = _PRIMITIVE_LISTS[element.kind]
+        else:
+            {_STRING: not_str, _BOOLEAN: not_bool, _INTEGER: not_int}.get(element.kind, not_float).discard(key)
+            if element.kind == _DECIMAL:
+                not_int.discard(key)
+    return check
+
+
+def _strings_ok(items: list[Any]) -> bool:
+    """An array of a string type: null entries stand for values given only in `_key` (FHIR JSON)."""
+    return all(entry is None or isinstance(entry, str) for entry in items)
+
+
+def _booleans_ok(items: list[Any]) -> bool:
+    return all(entry is None or isinstance(entry, bool) for entry in items)
+
+
+def _integers_ok(items: list[Any]) -> bool:
+    return all(entry is None or (isinstance(entry, int) and not isinstance(entry, bool)) for entry in items)
+
+
+def _decimals_ok(items: list[Any]) -> bool:
+    return all(entry is None or (isinstance(entry, int | float) and not isinstance(entry, bool)) for entry in items)
+
+
+_PRIMITIVE_LISTS = {_STRING: _strings_ok, _BOOLEAN: _booleans_ok, _INTEGER: _integers_ok, _DECIMAL: _decimals_ok}
 
 
 def _check_object(value: dict[str, Any], model: Any, path: str, problems: list[str], limit: int) -> None:
@@ -251,21 +342,14 @@ def _check_value(item: Any, element: _Element, where: str, problems: list[str], 
     if element.kind == "complex":
         _check_object(item, _model_of_complex(element.model), where, problems, limit)
     elif element.kind == _RESOURCE:
-        inner = shape_problems(item, limit=limit - len(problems))
+        inner = _problems(item, limit - len(problems))
         problems.extend(f"{where}: {p}" for p in inner)
 
 
 def warm_up(resource_types: typing.Iterable[str]) -> None:
-    """Load the element definitions of these resource types and the data types they use, at start-up, so
-    the first request does not pay for importing models."""
-    with _lock:
-        pending = [m for m in (_resource_model(t) for t in resource_types) if m is not None]
-        seen: set[Any] = set()
-        while pending:
-            model = pending.pop()
-            if model in seen:
-                continue
-            seen.add(model)
-            for element in _elements(model).values():
-                if element.kind == "complex":
-                    pending.append(_model_of_complex(element.model))
+    """Load the element definitions of these resource types and of every data type they reach, and compile
+    their shape walks, at start-up, so the first request pays for neither importing models nor compiling."""
+    for resource_type in resource_types:
+        model = _resource_model(resource_type)
+        if model is not None:
+            _resource_checks[resource_type] = _checker(model)
