@@ -165,25 +165,33 @@ def test_async_write_is_visible_after_flush(make_store: StoreFactory) -> None:
     assert store.dropped_count == 0
 
 
-def test_record_call_returns_fast_while_the_database_is_slow(
-    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_record_call_never_waits_for_the_database(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,000 calls are recorded while the writer is stuck in a transaction: the request path only enqueues.
+    (No timing: the enqueues run in a thread that must finish while the writer is still held.)"""
     store = make_store()
     write_for_real = store._write_calls
+    writer_busy, release_writer, enqueued = threading.Event(), threading.Event(), threading.Event()
 
-    def slow_write(records: list[HookCallRecord]) -> None:
-        time.sleep(0.05)  # every transaction takes 50 ms
+    def stuck_write(records: list[HookCallRecord]) -> None:
+        writer_busy.set()
+        release_writer.wait(60)
         write_for_real(records)
 
-    monkeypatch.setattr(store, "_write_calls", slow_write)
-    started = time.perf_counter()
-    for number in range(1000):
-        store.record_call(make_record(hook_instance=f"fast-{number}"))
-    elapsed = time.perf_counter() - started
+    monkeypatch.setattr(store, "_write_calls", stuck_write)
+    store.record_call(make_record(hook_instance="first"))
+    assert writer_busy.wait(10), "the writer never started its transaction"
 
-    assert elapsed < 0.5, f"1000 enqueues took {elapsed:.3f} s"
+    def enqueue() -> None:
+        for number in range(1000):
+            store.record_call(make_record(hook_instance=f"fast-{number}"))
+        enqueued.set()
+
+    threading.Thread(target=enqueue, daemon=True).start()
+    finished_while_stuck = enqueued.wait(30)
+    release_writer.set()
+    assert finished_while_stuck, "record_call waited for the stuck database transaction"
     store.flush(timeout=30)
-    assert len(store.recent_calls(limit=2000)) == 1000
+    assert len(store.recent_calls(limit=2000)) == 1001
 
 
 def test_full_queue_drops_and_counts_instead_of_blocking(
