@@ -314,11 +314,11 @@ _NOT_COUNTED = bytes(c for c in range(256) if c not in b'{}[]\n":')
 def _checked_by_dump(raw: bytes, document: Any, dump: bytes, limits: JsonLimits) -> Any:
     """`document` (orjson's parse of `raw`) judged from `dump` = orjson.dumps(document, option=OPT_INDENT_2).
 
-    What orjson writes (pinned by tests/reliability/test_fast_json.py): `"key": value`; in a string, `"`, `\\` and
-    control characters escaped and every other character as itself (`:` included, a newline never); each member of
-    an object or array on a line of its own, indented two spaces per level of its container (the top one is level
-    1), a non-empty container's closing bracket on a line of its own, an empty one as `{}` or `[]`, and no final
-    newline. So a newline byte is always structural, and from `raw` having no escaped colon (the caller's check):
+    What orjson writes (pinned by tests/reliability/test_json_dump_checks.py): `"key": value`; in a string, `"`,
+    `\\` and control characters escaped and every other character as itself (`:` included, a newline never); each
+    member of an object or array on a line of its own, indented two spaces per level of its container (the top one
+    is level 1), a non-empty container's closing bracket on a line of its own, an empty one as `{}` or `[]`, and no
+    final newline. So a newline byte is always structural, and from `raw` having no escaped colon (the caller's check):
 
     - duplicate keys. A `:` byte outside a string ends a key, one per key; inside a string it is a colon character
       (an escaped one would be `\\u003a`). So `raw` holds K_raw + C_raw colons and the dump K + C, for the K_raw keys
@@ -326,8 +326,8 @@ def _checked_by_dump(raw: bytes, document: Any, dump: bytes, limits: JsonLimits)
       strings are some of the written ones, so K_raw >= K and C_raw >= C, and K_raw = K exactly when no key was
       written twice: equal counts prove no duplicate; unequal ones go to the exact path, which decides.
     - depth. A container at level L >= 2 is a member of one at level L - 1, so it starts a line indented 2(L - 1)
-      spaces: without a newline followed by 2 * max_depth spaces, nothing is deeper than max_depth. With one
-      (a member at exactly max_depth levels has that indent too) the walk measures the depth.
+      spaces: without a newline followed by 2 * max_depth spaces, nothing is deeper than max_depth (>= 1). With
+      one (a member at exactly max_depth levels has that indent too) the walk measures the depth.
     - values. The exact path's figure, structural commas + containers + 1, is V + E for V values and E empty
       containers (the commas are V - 1 - N for N non-empty ones); see `_values_within`. Each comma takes a byte
       and each container two, so it is at most len(raw): a body no longer than max_values needs no count.
