@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import fastjsonschema
 import jsonschema
@@ -271,15 +271,12 @@ def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
     """The document parsed by orjson when that provably decides as the exact path does; else `_SLOW_PATH`.
 
     orjson refuses NaN/Infinity, invalid UTF-8, lone surrogate escapes, a BOM and nesting beyond 1,024: those (and
-    any other error) go to the exact path, which refuses them with its own status and reason. What orjson accepts
-    and the exact path would not is caught here, on the raw bytes and one walk of the parsed containers:
-
-    - a duplicate key: every key ends with `"`, optional whitespace and `:`; such sequences in the raw text are at
-      least as many as the keys written (a string may contain one too), so as many as the parsed objects hold
-      members means no key was written twice;
-    - an integer of 19+ digits (orjson makes it a float), a number longer than the limit: the exact path decides;
-    - depth and the value bound are the exact path's own figures (bracket nesting; commas + containers + 1),
-      computed from the containers; string length and lone surrogates are checked exactly as before.
+    any other error) go to the exact path, which refuses them with its own status and reason, and so do an integer
+    of 19+ digits (orjson makes it a float) and a number longer than the limit. What orjson accepts and the exact
+    path would not (a duplicate key, or over the depth, value or string bound) is found from orjson's own indented
+    serialisation of the document (`_checked_by_dump`: C-speed passes over bytes), or, when the raw text has an
+    escape those passes cannot see through or the document is too deep to serialise, by a walk of the parsed
+    containers (`_checked_by_walk`). Both check in the exact path's order: duplicate, depth, values, strings.
     """
     if _unusual_numbers(raw, limits.max_number_length):
         return _SLOW_PATH
@@ -293,9 +290,120 @@ def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
     finally:
         if collect:
             gc.enable()
+    if _ESCAPE_THE_DUMP_HIDES.search(raw) is None:
+        try:
+            dump = orjson.dumps(document, option=orjson.OPT_INDENT_2)
+        except orjson.JSONEncodeError:  # nested beyond the encoder's 254 levels (the decoder takes 1,024)
+            pass
+        else:
+            return _checked_by_dump(raw, document, dump, limits)
+    return _checked_by_walk(raw, document, limits)
+
+
+# An escaped colon (`\u003a`, `\u003A`) would make the raw text's colon count short of the dump's; a surrogate escape
+# (orjson refuses a lone one, a pair is one character) is checked by the exact string walk, as it always was.
+_ESCAPE_THE_DUMP_HIDES = re.compile(rb"\\u(?:003[aA]|[dD][89a-fA-F])")
+# What `_checked_by_dump` counts in the dump. When it counts several times (a body over the value bound) everything
+# else is deleted first: one C pass, then the counts run over about an eighth of the bytes. Colons, newlines and a
+# `{` or `[` followed by a newline count the same on both (the deletion cannot make such a pair from a bracket in a
+# string: the string's closing quote is kept, and a newline is never inside a string); `{}` and `[]`, counted as an
+# upper bound, may only be more.
+_NOT_COUNTED = bytes(c for c in range(256) if c not in b'{}[]\n":')
+
+
+def _checked_by_dump(raw: bytes, document: Any, dump: bytes, limits: JsonLimits) -> Any:
+    """`document` (orjson's parse of `raw`) judged from `dump` = orjson.dumps(document, option=OPT_INDENT_2).
+
+    What orjson writes (pinned by tests/reliability/test_json_dump_checks.py): `"key": value`; in a string, `"`,
+    `\\` and control characters escaped and every other character as itself (`:` included, a newline never); each
+    member of an object or array on a line of its own, indented two spaces per level of its container (the top one
+    is level 1), a non-empty container's closing bracket on a line of its own, an empty one as `{}` or `[]`, and no
+    final newline. So a newline byte is always structural, and from `raw` having no escaped colon (the caller's check):
+
+    - duplicate keys. A `:` byte outside a string ends a key, one per key; inside a string it is a colon character
+      (an escaped one would be `\\u003a`). So `raw` holds K_raw + C_raw colons and the dump K + C, for the K_raw keys
+      written and the K kept, and the colon characters C_raw in the strings written and C in those kept. The kept
+      strings are some of the written ones, so K_raw >= K and C_raw >= C, and K_raw = K exactly when no key was
+      written twice: equal counts prove no duplicate; unequal ones go to the exact path, which decides.
+    - depth. A container at level L >= 2 is a member of one at level L - 1, so it starts a line indented 2(L - 1)
+      spaces: without a newline followed by 2 * max_depth spaces, nothing is deeper than max_depth (>= 1). With
+      one (a member at exactly max_depth levels has that indent too) the walk measures the depth.
+    - values. The exact path's figure, structural commas + containers + 1, is V + E for V values and E empty
+      containers (the commas are V - 1 - N for N non-empty ones); see `_values_within`. Each comma takes a byte
+      and each container two, so it is at most len(raw): a body no longer than max_values needs no count.
+    - strings. A string lies within one line, and more than max_string_length characters take more bytes than
+      that: the strings are walked only when the body is longer than the bound and the dump may have such a line.
+    """
+    counted = dump.translate(None, _NOT_COUNTED) if len(raw) > limits.max_values else dump
+    if raw.count(b":") != counted.count(b":"):
+        return _SLOW_PATH
+    figures: _Figures | None = None
+    if limits.max_depth < 1 or dump.find(b"\n" + b"  " * limits.max_depth) != -1:
+        figures = _walk_figures(document)
+        if figures.deepest > limits.max_depth:
+            raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
+    if len(raw) > limits.max_values:
+        within = _values_within(counted, limits.max_values)
+        if within is None:
+            figures = figures or _walk_figures(document)
+            within = figures.value_bound <= limits.max_values
+        if not within:
+            raise JsonInputError(413, f"more than {limits.max_values} values")
+    if len(raw) > limits.max_string_length:
+        long_line = _may_hold_long_line(dump, limits.max_string_length)
+        if long_line or (long_line is None and _may_hold_long_string(raw, limits.max_string_length)):
+            _check_walk(document, limits)
+    return document
+
+
+def _values_within(counted: bytes, max_values: int) -> bool | None:
+    """Whether V + E <= max_values (see `_checked_by_dump`), counted on the indented dump or on its bytes kept by
+    `_NOT_COUNTED`; None when the counts cannot tell (only with empty containers or brackets in strings near the bound).
+
+    Every newline starts one of the V - 1 members or one of the N closing brackets, so V = newlines + 1 - N, and N
+    is the count of `{` or `[` followed by a newline (nothing else is: a newline is never inside a string). E is
+    at most the count of `{}` and `[]`, which may also be found in strings; and E <= V <= newlines + 1.
+    """
+    newlines = counted.count(b"\n")
+    if 2 * (newlines + 1) <= max_values:
+        return True
+    values = newlines + 1 - counted.count(b"{\n") - counted.count(b"[\n")
+    if values > max_values:
+        return False
+    if values + counted.count(b"{}") + counted.count(b"[]") <= max_values:
+        return True
+    return None
+
+
+_MAX_LINE_PROBES = 4096
+
+
+def _may_hold_long_line(dump: bytes, max_length: int) -> bool | None:
+    """True when some line of `dump` may be longer than `max_length` bytes; None when too costly to tell this way.
+
+    A run of more than max_length bytes without a newline covers a whole block [kB, (k+1)B) for B = (max_length +
+    1) // 2 (its first block start is at most B - 1 bytes in, and 2B - 1 <= max_length + 1): so when every whole
+    block holds a newline, no line is that long. One C-level search per block (a few dozen for a large body).
+    """
+    block = (max_length + 1) // 2
+    if block < 1 or len(dump) // block > _MAX_LINE_PROBES:
+        return None
+    return any(dump.find(b"\n", start, start + block) == -1 for start in range(0, len(dump) - block + 1, block))
+
+
+class _Figures(NamedTuple):
+    """What the exact path measures of a document's structure, counted on the parsed containers."""
+
+    keys: int
+    value_bound: int  # the exact path's: structural commas + containers + 1
+    deepest: int
+
+
+def _walk_figures(document: Any) -> _Figures:
+    """Keys, the value bound and the depth, one nesting level at a time (its depth is the loop count)."""
     keys = commas = containers = deepest = 0
     level = [document] if type(document) is dict or type(document) is list else []
-    while level:  # one nesting level at a time: its depth is the loop count
+    while level:
         deepest += 1
         deeper: list[Any] = []
         for value in level:
@@ -307,12 +415,25 @@ def _fast_load(raw: bytes, limits: JsonLimits) -> Any:
             deeper.extend([v for v in value if type(v) is dict or type(v) is list])
         containers += len(level)
         level = deeper
+    return _Figures(keys=keys, value_bound=commas + containers + 1, deepest=deepest)
+
+
+def _checked_by_walk(raw: bytes, document: Any, limits: JsonLimits) -> Any:
+    """`document` judged from a walk of its containers and the raw bytes, for a body `_checked_by_dump` cannot take.
+
+    - a duplicate key: every key ends with `"`, optional whitespace and `:`; such sequences in the raw text are at
+      least as many as the keys written (a string may contain one too), so as many as the parsed objects hold
+      members means no key was written twice;
+    - depth and the value bound are the exact path's own figures (bracket nesting; commas + containers + 1),
+      computed from the containers; string length and lone surrogates are checked exactly as before.
+    """
+    figures = _walk_figures(document)
     # Whitespace deleted everywhere (inside strings too, which can only add matches): `":` then ends every key.
-    if raw.translate(None, b" \t\r\n").count(b'":') != keys:
+    if raw.translate(None, b" \t\r\n").count(b'":') != figures.keys:
         return _SLOW_PATH
-    if deepest > limits.max_depth:
+    if figures.deepest > limits.max_depth:
         raise JsonInputError(413, f"nested deeper than {limits.max_depth} levels")
-    if commas + containers + 1 > limits.max_values:  # the exact path's bound: skeleton commas + brackets/2 + 1
+    if figures.value_bound > limits.max_values:
         raise JsonInputError(413, f"more than {limits.max_values} values")
     if _may_hold_long_string(raw, limits.max_string_length) or _SURROGATE_ESCAPE.search(raw):
         _check_walk(document, limits)
