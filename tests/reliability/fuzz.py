@@ -228,7 +228,7 @@ def invalid_fhir(draw: st.DrawFn) -> tuple[str, bytes]:
     op = draw(st.sampled_from(["wrong-type", "wrong-type", "delete", "wrap", "unwrap", "null", "bad-text"]))
     bad_text = st.sampled_from(["", " ", "2024-02-30", "9999", "T", "urn:uuid:", "#", "Patient/x/y"])
     replacement = {"wrong-type": WRONG_TYPES, "bad-text": bad_text}.get(op)
-    mutate(body, path, "replace" if replacement else op, get_at(body, path), lambda: draw(replacement))
+    mutate(body, path, "replace" if replacement is not None else op, get_at(body, path), lambda: draw(replacement))
     return rtype, dumps(body)
 
 
