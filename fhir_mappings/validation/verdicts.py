@@ -2,12 +2,12 @@
 schema, position and cross-check passes (about a second of a start-up).
 
 Only a clean verdict is ever written, and it is keyed by everything the verdict depends on: the bytes of every
-data file of the mapping set and of the site configuration (`_fingerprint`, which covers the schemas in
-`fhir_mappings/schemas/` and `text_context.yaml`), the source of the `fhir_mappings` package (validator, loader and
-engine), the Python version and the name and version of every installed distribution (jsonschema, PyYAML, the ICD
-code list, spaCy, medspacy...). A set that has a problem never matches a recorded key, so it always goes through
-every pass and is refused with the same lines. A remembered verdict is not a loaded set: the caller still runs the
-service's own loader (`Mappings.load`).
+data file of the mapping set and of the site configuration (`_fingerprint`), every source and data file of the
+`fhir_mappings` package (validator, schemas, loader, engine, `dosing/`, `text_context.yaml`), the Python version,
+and the name and version of every installed distribution (jsonschema, PyYAML, the ICD code list, spaCy,
+medspacy...). A set that has a problem never matches a recorded key, so it always goes through every pass and is
+refused with the same lines. A remembered verdict is not a loaded set: the caller still runs the service's own
+loader (`Mappings.load`).
 
 The verdicts live in `$XDG_CACHE_HOME/ketamine-cds/mapping-verdicts/` (else `~/.cache/...`), one empty file per
 key. Everything here fails soft: a missing, read-only or unusable directory means "not remembered" and a full
@@ -28,6 +28,8 @@ from pathlib import Path
 _PACKAGE = Path(__file__).resolve().parents[1]  # fhir_mappings/
 _KEEP = 32  # verdicts kept (the newest by mtime): one per mapping-set version tried on this machine, roughly
 _SUFFIX = ".clean"
+# The package's code and the data it reads whichever mapping directory is validated (dosing/, text_context.yaml).
+_PACKAGE_SUFFIXES = (".py", ".yaml", ".yml", ".json", ".txt", ".csv")
 
 
 def cache_dir() -> Path | None:
@@ -46,8 +48,8 @@ def _environment() -> str:
     """The code and libraries a verdict was reached with (computed once per process: they do not change)."""
     digest = hashlib.sha256(sys.version.encode())
     digest.update(sys.implementation.name.encode())
-    for path in sorted(_PACKAGE.rglob("*.py")):
-        if "__pycache__" in path.parts:
+    for path in sorted(_PACKAGE.rglob("*")):
+        if path.suffix not in _PACKAGE_SUFFIXES or any(p == "__pycache__" or p.endswith(".cases") for p in path.parts):
             continue
         digest.update(str(path.relative_to(_PACKAGE)).encode())
         digest.update(path.read_bytes())
