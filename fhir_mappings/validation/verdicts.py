@@ -61,9 +61,11 @@ def _environment() -> str:
 def _installed_distributions() -> list[str]:
     """Every `name-version.dist-info` (and `.egg-info`) on sys.path: an upgrade of any library is a new key.
 
-    A directory listing, not importlib.metadata: the latter costs more to import than this whole check."""
+    A directory listing, not importlib.metadata: the latter costs more to import than this whole check. The
+    script's directory or working directory that Python puts first on sys.path is not an installation (and depends
+    on how the process was started), so it is left out."""
     found: set[str] = set()
-    for entry in sys.path:
+    for entry in sys.path[1:]:
         with contextlib.suppress(OSError):
             for name in os.listdir(entry or "."):
                 if name.endswith((".dist-info", ".egg-info")):
