@@ -33,7 +33,9 @@ from cds_service.hook import CallTrace, HookOutcome, handle_order_sign
 from cds_service.hook_request import ORDER_TYPES, JsonLimits, parse_json, warm_up_fhir_models
 from cds_service.json_answer import OrjsonProvider
 from cds_service.observability import install as install_observability
+from cds_service.runtime import WarmUp, warm_up_is_deferred
 from fhir_mappings.mappings import Mappings
+from fhir_mappings.reading.text import shared_reader
 from fhir_mappings.resource_shapes import warm_up as warm_up_shapes
 from fhir_mappings.validation import load_validated
 
@@ -61,6 +63,7 @@ class ServiceState:
     warned: set[str] = field(default_factory=set)
     json_limits: JsonLimits = field(default_factory=JsonLimits)
     audit_failures: int = 0  # audit rows that could not even be handed to the store (logged as errors)
+    warm_up: WarmUp = field(default_factory=WarmUp.finished)  # models, shapes, ConText (cds_service.runtime)
 
     def endpoint_url(self, path: str) -> str:
         return self.config.base_url + path
@@ -128,8 +131,10 @@ def create_app(
         clock=clock or utc_now,
         json_limits=JsonLimits(max_bytes=config.max_body_bytes, max_depth=config.max_json_depth),
     )
-    warm_up_fhir_models()
-    warm_up_shapes({*mappings.queries.supplied_types(), *ORDER_TYPES, *_REFERENCE_TARGET_TYPES})
+    shape_types = {*mappings.queries.supplied_types(), *ORDER_TYPES, *_REFERENCE_TARGET_TYPES}
+    state.warm_up = WarmUp([warm_up_fhir_models, lambda: warm_up_shapes(shape_types), shared_reader])
+    if not warm_up_is_deferred():  # under gunicorn (our configuration) the worker warms up in the background
+        state.warm_up.run(reraise=True)
 
     app = Flask("ketamine_cds")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes

@@ -24,7 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     from fhir_mappings.validation import validate
 
-    problems = validate(site_config=config.site_config)  # before the port is bound: the same lines as `validate`
+    # Before the port is bound: the same lines as `validate` (a clean verdict on these very files is remembered).
+    problems = validate(site_config=config.site_config, remembered=True)
     if problems:
         print("\n".join(str(p) for p in problems), file=sys.stderr)
         print(f"ketamine-cds serve: the mapping set has {len(problems)} problem(s); not starting", file=sys.stderr)
@@ -78,16 +79,8 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ketamine-cds", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the CDS Hooks service (gunicorn)")
-    add_arguments(serve)
-    serve.set_defaults(func=_serve)
-    db = sub.add_parser("db", help="audit store schema: upgrade to this version's revision, or show the current one")
-    db.add_argument("action", choices=["upgrade", "current"])
-    db.add_argument("--database", default=None, help="database URL (env KETAMINE_CDS_DATABASE)")
-    db.set_defaults(func=_db)
+def _register_tools(sub: Any) -> None:
+    """The sandbox, mapping tools and bench commands (their modules import much of the project)."""
     try:
         from sandbox.cli import register
     except ImportError:  # the sandbox extra is not installed
@@ -103,6 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     from cds_service.bench import register as register_bench
 
     register_bench(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ketamine-cds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the CDS Hooks service (gunicorn)")
+    add_arguments(serve)
+    serve.set_defaults(func=_serve)
+    db = sub.add_parser("db", help="audit store schema: upgrade to this version's revision, or show the current one")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--database", default=None, help="database URL (env KETAMINE_CDS_DATABASE)")
+    db.set_defaults(func=_db)
+    given = sys.argv[1:] if argv is None else argv
+    if not given or given[0] not in ("serve", "db"):  # `serve` does not pay for importing the tools (~0.3 s)
+        _register_tools(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -243,7 +243,8 @@ def install(app: Flask, state: ServiceState) -> None:
 
 
 def readiness_checks(state: ServiceState) -> dict[str, dict[str, Any]]:
-    """Can this worker answer calls correctly now? Mappings loaded, audit store writable, audit queue draining."""
+    """Can this worker answer calls correctly and at full speed now? Mappings loaded, audit store writable, audit
+    queue draining, warm-up finished."""
     mappings = state.mappings
     checks: dict[str, dict[str, Any]] = {
         "mappings": {"ok": mappings is not None and bool(mappings.policies), "version": mappings.version}
@@ -258,6 +259,12 @@ def readiness_checks(state: ServiceState) -> dict[str, dict[str, Any]]:
         "depth": depth,
         "capacity": capacity,
     }
+    # A worker answers while it warms up (in the background, cds_service.runtime), but is only ready once every
+    # call is answered at full speed.
+    warm = state.warm_up
+    checks["warm_up"] = {"ok": warm.ok, "done": warm.done.is_set()}
+    if warm.error is not None:
+        checks["warm_up"]["error"] = warm.error
     return checks
 
 

@@ -51,6 +51,9 @@ def settings(config: ServiceConfig, *, mappings_checked: bool = False) -> dict[s
 
     def on_starting(server: Any) -> None:
         check_before_bind(config, list(server.cfg.address), mappings_checked=mappings_checked, log=server.log)
+        from cds_service.runtime import defer_warm_up_to_worker_init
+
+        defer_warm_up_to_worker_init()  # the master, before forking: workers answer first, warm up in the background
 
     CONFIGURED = True
     host = f"[{config.host}]" if ":" in config.host else config.host
@@ -70,7 +73,9 @@ def settings(config: ServiceConfig, *, mappings_checked: bool = False) -> dict[s
         "logconfig_dict": logging_dict(config.log_level),
         "on_starting": on_starting,
         "when_ready": forward_hup_to_workers,  # HUP: check the mappings once, reload workers in place
-        "post_worker_init": _tune_worker,  # after the worker built the app: start-up frozen out of GC scans
+        # After the worker built the app: GC tuned, its warm-up started in the background (frozen out of GC scans
+        # once it has finished).
+        "post_worker_init": _tune_worker,
         "child_exit": _child_exit,
         "on_exit": _on_exit,
     }
@@ -138,10 +143,13 @@ def prepare_metrics_dir() -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = _created_metrics_dir
 
 
-def _tune_worker(_worker: Any) -> None:
+def _tune_worker(worker: Any) -> None:
     from cds_service.runtime import tune_gc_after_startup
 
     tune_gc_after_startup()
+    state = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("ketamine_cds")
+    if state is not None and not state.warm_up.done.is_set():
+        state.warm_up.start_in_background(then=tune_gc_after_startup)
 
 
 def _child_exit(_server: Any, worker: Any) -> None:

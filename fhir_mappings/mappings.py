@@ -104,11 +104,19 @@ class Mappings:
     site: SiteConfig
 
     @classmethod
-    def load(cls, site: SiteConfig | None = None, directory: str | Path | None = None) -> Mappings:
-        """The shipped mappings, or those of `directory` (a copy with the same layout, e.g. a candidate change)."""
+    def load(
+        cls, site: SiteConfig | None = None, directory: str | Path | None = None, *, text_reader: bool = True
+    ) -> Mappings:
+        """The shipped mappings, or those of `directory` (a copy with the same layout, e.g. a candidate change).
+
+        `text_reader=False` leaves the ConText pipeline (about a second of imports) to its first use or to the
+        serving worker's warm-up: only for a set already proven to load with it (a remembered clean verdict,
+        `fhir_mappings.validation.verdicts`). Evaluation is the same either way: there is one shared reader.
+        """
         site = site or SiteConfig()
         base = Path(directory) if directory is not None else MAPPINGS_DIR
-        shared_reader()  # the ConText pipeline, loaded once per process here rather than on the first note read
+        if text_reader:
+            shared_reader()  # the ConText pipeline, loaded once per process here rather than on the first note read
         try:
             registry = ValueSetRegistry.load(base / "valuesets")
             for vs_id, codes in site.valuesets.items():

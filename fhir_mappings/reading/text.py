@@ -159,10 +159,30 @@ def strongest(findings: Iterable[TextFinding]) -> TextFinding | None:
     return min(found, key=lambda f: order.index(f.assertion)) if found else None
 
 
-@functools.cache
+_shared: ContextReader | None = None
+_shared_lock = threading.Lock()
+
+
 def shared_reader() -> ContextReader:
-    """The process-wide reader with the shipped extra rules (loaded once; the spaCy pipeline is immutable)."""
-    return ContextReader(load_rules(RULES_FILE))
+    """The process-wide reader with the shipped extra rules (loaded once; the spaCy pipeline is immutable).
+
+    Built under a lock: a serving worker loads it in a background thread at start-up (cds_service.runtime), and a
+    call that needs it meanwhile waits here for that one pipeline instead of building a second one. A failed
+    build is not remembered: the next caller tries again and sees the same error.
+    """
+    global _shared
+    reader = _shared
+    if reader is not None:
+        return reader
+    with _shared_lock:
+        if _shared is None:
+            _shared = ContextReader(load_rules(RULES_FILE))
+        return _shared
+
+
+def reader_loaded() -> bool:
+    """Whether `shared_reader()` would answer without loading spaCy and medspacy."""
+    return _shared is not None
 
 
 def load_rules(path: Path) -> list[dict[str, Any]]:

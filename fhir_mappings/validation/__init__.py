@@ -11,7 +11,10 @@ optional site configuration:
 4. the service's own loader (`Mappings.load`), whose first error — if the passes above missed it — is located
    from the path its message names (`locate`).
 
-The service runs the same function before it binds its port, and on reload: the same one-line messages.
+The service runs the same function before it binds its port, and on reload: the same one-line messages. There
+(`remembered=True`) a clean verdict reached before on exactly the same files, code and libraries (`verdicts`) lets
+it skip passes 1-3 and run only the loader; a set with any problem is never remembered, so it always gets every
+pass and the same messages.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fhir_mappings.mappings import MAPPINGS_DIR, MappingError, Mappings, SiteConfig
+from fhir_mappings.validation import verdicts
 from fhir_mappings.validation.crosscheck import CrossChecker, MappingSet
 from fhir_mappings.validation.locate import locate
 from fhir_mappings.validation.problems import Collector, Problem
-from fhir_mappings.validation.schema_check import check_document
 from fhir_mappings.validation.yamlpos import (
     LocatedDocument,
     LocatedYAMLError,
@@ -84,33 +88,69 @@ def _fingerprint(base: Path, site_config: Path | None) -> str:
     return digest.hexdigest()
 
 
-_CACHE: dict[str, tuple[list[Problem], Mappings | None]] = {}
+@dataclass(frozen=True)
+class _Outcome:
+    problems: list[Problem]
+    mappings: Mappings | None
+    every_pass: bool  # False: passes 1-3 were skipped on a remembered clean verdict (only the loader ran)
+
+
+_CACHE: dict[str, _Outcome] = {}
 _CACHE_LOCK = threading.Lock()
 
 
 def validate_and_load(
-    directory: str | Path | None = None, site_config: str | Path | None = None
+    directory: str | Path | None = None, site_config: str | Path | None = None, *, remembered: bool = False
 ) -> tuple[list[Problem], Mappings | None]:
-    """All problems of the mapping set, and the loaded Mappings when there are none (memoised by content)."""
+    """All problems of the mapping set, and the loaded Mappings when there are none (memoised by content).
+
+    `remembered=True` (the service's start-up and reload): a clean verdict on exactly these files, this code and
+    these libraries, recorded by an earlier full run on this machine, stands for passes 1-3; only the loader runs.
+    """
     base = Path(directory).resolve() if directory is not None else MAPPINGS_DIR
     site_path = Path(site_config) if site_config is not None else None
     key = _fingerprint(base, site_path)
     with _CACHE_LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-    result = _run(base, site_path)
+        known = _CACHE.get(key)
+    if known is not None and (known.every_pass or remembered):
+        return known.problems, known.mappings
+    verdict = verdicts.verdict_key(key)
+    outcome = _load_remembered(base, site_path) if remembered and verdicts.is_remembered_clean(verdict) else None
+    if outcome is not None and _fingerprint(base, site_path) != key:
+        outcome = None  # a file changed while it was being loaded: what was loaded is not what was remembered
+    if outcome is None:
+        outcome = _Outcome(*_run(base, site_path), every_pass=True)
+        if not outcome.problems and outcome.mappings is not None:
+            verdicts.remember_clean(verdict)
     with _CACHE_LOCK:
-        _CACHE[key] = result
-    return result
+        _CACHE[key] = outcome
+    return outcome.problems, outcome.mappings
 
 
-def validate(directory: str | Path | None = None, site_config: str | Path | None = None) -> list[Problem]:
-    return validate_and_load(directory, site_config)[0]
+def _load_remembered(base: Path, site_path: Path | None) -> _Outcome | None:
+    """The loader alone, for a set remembered clean; None (then every pass runs) if it fails after all."""
+    try:
+        site = SiteConfig.from_file(site_path) if site_path is not None else None
+        # The ConText pipeline loaded with this very set before: a serving worker loads it in the background.
+        mappings = Mappings.load(site, base, text_reader=False)
+    except Exception:  # not expected for a remembered set; the full run below says what is wrong, with positions
+        return None
+    return _Outcome([], mappings, every_pass=False)
 
 
-def load_validated(site_config: str | Path | None = None, directory: str | Path | None = None) -> Mappings:
-    """The mapping set, loaded only when it has no problem at all; MappingsInvalid lists them otherwise."""
-    problems, mappings = validate_and_load(directory, site_config)
+def validate(
+    directory: str | Path | None = None, site_config: str | Path | None = None, *, remembered: bool = False
+) -> list[Problem]:
+    return validate_and_load(directory, site_config, remembered=remembered)[0]
+
+
+def load_validated(
+    site_config: str | Path | None = None, directory: str | Path | None = None, *, remembered: bool = True
+) -> Mappings:
+    """The mapping set, loaded only when it has no problem at all; MappingsInvalid lists them otherwise.
+
+    Used by the service (start-up, reload): a remembered clean verdict is trusted unless `remembered=False`."""
+    problems, mappings = validate_and_load(directory, site_config, remembered=remembered)
     if problems or mappings is None:
         raise MappingsInvalid(problems)
     return mappings
@@ -134,6 +174,8 @@ def _read(path: Path, schema: str, out: Collector, display: str | None = None) -
         out.at(file, here, f"duplicate key {dup_path[-1]!r} (already at line {first.line}): keep one", "yaml", dup_path)
     if doc.data is None:
         doc.data = {}
+    from fhir_mappings.validation.schema_check import check_document  # jsonschema: only when the passes run
+
     check_document(doc, schema, out)
     return doc
 
