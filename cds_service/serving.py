@@ -161,5 +161,11 @@ def _child_exit(_server: Any, worker: Any) -> None:
 
 
 def _on_exit(_server: Any) -> None:
+    """Remove the metrics directory this master created, and its variable (a process that goes on, e.g. a refused
+    `serve` called in-process, must not point prometheus-client at a deleted directory)."""
+    global _created_metrics_dir
     if _created_metrics_dir is not None:
         shutil.rmtree(_created_metrics_dir, ignore_errors=True)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") == _created_metrics_dir:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        _created_metrics_dir = None

@@ -23,3 +23,12 @@ def postgres_url() -> str:
             raise
         pytest.skip(f"PostgreSQL not reachable at {redact_url(POSTGRES_URL)}: {type(exc).__name__}")
     return POSTGRES_URL
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Remembered mapping verdicts (fhir_mappings/validation/verdicts.py) go to a cache of this test run, never the
+    developer's: a test sees the full check on its first start, as a new machine would."""
+    if not os.environ.get("KETAMINE_CDS_TEST_KEEP_CACHE"):
+        import tempfile
+
+        os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ketamine-cds-test-cache-")
