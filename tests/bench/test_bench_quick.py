@@ -45,6 +45,7 @@ def test_quick_bench_prints_every_case_with_numbers() -> None:
     assert report["rss_mib"]["requests"] >= 200
     assert all(_number(v) for v in report["rss_mib"]["after"].values()) and report["rss_mib"]["after"]
     assert _number(report["startup_s"]["service"]) and _number(report["startup_s"]["bare_flask"])
+    assert _number(report["startup_s"]["service_first_start"])
     for key in (
         "prefetch_60_p50_vs_floor",
         "triage_p50_vs_floor",
@@ -54,6 +55,7 @@ def test_quick_bench_prints_every_case_with_numbers() -> None:
         "fallback_vs_prefetch_plus_all_queries",
         "throughput_vs_floor",
         "startup_vs_bare_flask",
+        "first_startup_vs_bare_flask",
     ):
         assert _number(report["ratios"][key]), key
 
