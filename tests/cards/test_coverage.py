@@ -177,3 +177,17 @@ def test_reason_falls_back_to_headline_and_stays_bounded() -> None:
     huge = replace(fx.not_covered(), headline="word " * 400)
     [reason] = sub_extensions(respond([huge])["systemActions"][0])["reason"]
     assert len(reason["text"]) <= 500 and reason["text"].endswith("…")
+
+
+def test_json_copy_is_a_deep_copy_equal_to_deepcopy() -> None:
+    import copy as _copy
+
+    from cards.coverage import _json_copy
+
+    order = {"resourceType": "MedicationRequest", "dosageInstruction": [{"doseAndRate": [{"doseQuantity": 0.5}]}]}
+    copied = _json_copy(order)
+    assert copied == _copy.deepcopy(order)
+    copied["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"] = 9
+    assert order["dosageInstruction"][0]["doseAndRate"][0]["doseQuantity"] == 0.5  # nothing shared
+    odd = {"big": 2**80, "t": (1, 2), "nan": float("nan")}  # not JSON orjson writes back: deep-copied as before
+    assert _json_copy(odd)["big"] == 2**80 and _json_copy(odd)["t"] == (1, 2)
