@@ -117,9 +117,24 @@ def _model_of_complex(type_holder: Any) -> Any:
 
 
 @functools.cache
+def _r4b_modules() -> frozenset[str]:
+    """The module names of fhir.resources.R4B (one per resource and data type, lower case), listed once."""
+    import pkgutil
+
+    import fhir.resources.R4B as r4b
+
+    return frozenset(info.name for info in pkgutil.iter_modules(r4b.__path__))
+
+
+@functools.lru_cache(maxsize=512)
 def _resource_model(resource_type: str) -> Any:
-    """The model class of a resource type, or None when fhir.resources has none (unknown type)."""
+    """The model class of a resource type, or None when fhir.resources has none (unknown type).
+
+    Bounded: the type comes from the client, so a name that is no R4B module is refused before any import is tried,
+    and the cache keeps at most 512 names (every real type fits; random spellings cannot grow it)."""
     if not resource_type.isalpha() or not resource_type[:1].isupper():
+        return None
+    if resource_type.lower() not in _r4b_modules():
         return None
     try:
         module = importlib.import_module(f"fhir.resources.R4B.{resource_type.lower()}")

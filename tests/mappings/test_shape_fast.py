@@ -245,3 +245,20 @@ def test_warm_up_compiles_what_first_use_would() -> None:
     before = is_readable(resource)
     warm_up(["CarePlan", "NotAType"])
     assert is_readable(resource) is before is _reference_readable(resource) is False
+
+
+def test_client_sent_resource_types_cannot_grow_the_model_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A type name that is no R4B module is refused without an import attempt, and the cache stays bounded."""
+    import importlib
+
+    from fhir_mappings import resource_shapes
+
+    imported: list[str] = []
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: imported.append(name) or real_import(name, *a))
+    for n in range(3000):
+        name = "Zq" + "".join(chr(97 + (n >> (4 * k)) % 26) for k in range(4))
+        assert not resource_shapes.is_readable({"resourceType": name})
+    assert imported == []
+    assert resource_shapes._resource_model.cache_info().currsize <= 512
+    assert resource_shapes.is_readable({"resourceType": "Observation", "status": "final", "code": {"text": "x"}})
