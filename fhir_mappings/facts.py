@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from jsonpath_ng.ext import parse as jsonpath_parse
@@ -602,6 +602,15 @@ def numeric(value: Any) -> Any:
     return value
 
 
+class ObservationCodes(NamedTuple):
+    """The codes of an Observation without hasMember that decide whether `readings` can find a result in it:
+    its own code and its components' codes (dict concepts only), with their joint content key."""
+
+    key: tuple[Any, ...]
+    own: dict[str, Any] | None
+    components: tuple[dict[str, Any], ...]
+
+
 class FactContext:
     """Computes facts for one (record, order group) evaluation, each at most once."""
 
@@ -620,7 +629,7 @@ class FactContext:
             self._matches.clear()
         self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._verdicts: dict[tuple[int, int], bool | None] = {}
-        self._plan: list[tuple[Resource, tuple[Any, ...] | None]] | None = None
+        self._plan: list[tuple[Resource, ObservationCodes | None]] | None = None
         self._availability: dict[tuple[str, ...], Availability] = {}
 
     def fact(self, name: str) -> Fact:
@@ -693,16 +702,25 @@ class FactContext:
         """The drug concepts of a medication resource, following medicationReference through the record."""
         return medication_concepts(resource, lambda ref, holder: self.record.resolve(ref, within=holder))
 
-    def _observation_plan(self) -> list[tuple[Resource, tuple[Any, ...] | None]]:
-        """The record's Observations in order, each with its code's content key when it is a plain one (a coded
-        Observation without component or hasMember), else None (read through `readings` every time)."""
+    def _observation_plan(self) -> list[tuple[Resource, ObservationCodes | None]]:
+        """The record's Observations in order, each with the codes that decide whether it can yield a reading
+        (its own code and its components' codes) when it has no hasMember, else None (a panel's members are
+        resolved through the record: read through `readings` every time)."""
         if self._plan is None:
-            plan: list[tuple[Resource, tuple[Any, ...] | None]] = []
+            plan: list[tuple[Resource, ObservationCodes | None]] = []
             for observation in self.record.of_type("Observation"):
+                if observation.get("hasMember"):
+                    plan.append((observation, None))
+                    continue
                 code = observation.get("code")
-                plain = isinstance(code, dict) and not observation.get("component")
-                plain = plain and not observation.get("hasMember")
-                plan.append((observation, _concept_key(code) if plain else None))
+                own = code if isinstance(code, dict) else None
+                parts = [c.get("code") for c in as_list(observation.get("component")) if isinstance(c, dict)]
+                inside = tuple(c for c in parts if isinstance(c, dict))
+                key = (
+                    _concept_key(own) if own is not None else None,
+                    tuple(_concept_key(c) for c in inside),
+                )
+                plan.append((observation, ObservationCodes(key, own, inside)))
             self._plan = plan
         return self._plan
 
@@ -897,15 +915,18 @@ class FactContext:
 
         items: list[Item] = []
         seen: set[str] = set()
-        wanted: dict[tuple[Any, ...], bool] = {}  # per distinct code: can a plain Observation with it be read here
-        for observation, code_key in self._observation_plan():
-            if code_key is not None:
-                # A plain Observation (no component, no hasMember) yields a reading only when its code is selected
-                # or is a panel carrying its own value: decided once per distinct code, not per Observation.
-                decided = wanted.get(code_key)
+        wanted: dict[tuple[Any, ...], bool] = {}  # per distinct set of codes: can an Observation with them be read here
+        for observation, codes in self._observation_plan():
+            if codes is not None:
+                # An Observation without hasMember yields a reading only when its code or a component's code is
+                # selected, or its code is a panel (`readings` reads nothing else): decided once per distinct set
+                # of codes, not per Observation.
+                decided = wanted.get(codes.key)
                 if decided is None:
-                    code = observation["code"]
-                    decided = wanted[code_key] = selects(code) or bool(definition.panel and is_panel(code))
+                    own = codes.own
+                    decided = wanted[codes.key] = (
+                        own is not None and (selects(own) or bool(definition.panel and is_panel(own)))
+                    ) or any(selects(c) for c in codes.components)
                 if not decided:
                     continue
             status = self.verdict(definition.status_filter, observation) if definition.status_filter else True
