@@ -602,6 +602,10 @@ def numeric(value: Any) -> Any:
     return value
 
 
+# Statuses of a resource whose reasonCode is not a stated diagnosis (it did not happen, or not yet).
+_NOT_A_STATED_REASON = frozenset({"entered-in-error", "cancelled", "not-done", "planned"})
+
+
 class ObservationCodes(NamedTuple):
     """The codes of an Observation without hasMember that decide whether `readings` can find a result in it:
     its own code and its components' codes (dict concepts only), with their joint content key."""
@@ -631,6 +635,7 @@ class FactContext:
         self._verdicts: dict[tuple[int, int], bool | None] = {}
         self._plan: list[tuple[Resource, ObservationCodes | None]] | None = None
         self._availability: dict[tuple[str, ...], Availability] = {}
+        self._reason_concepts: dict[str, list[tuple[Resource, list[dict[str, Any]]]]] = {}
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -871,15 +876,9 @@ class FactContext:
             "MedicationRequest": ("authoredOn",),
             "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
         }
-        done = {"entered-in-error", "cancelled", "not-done", "planned"}
         items: list[Item] = []
         for rtype in definition.reasons.types:
-            for resource in self.record.of_type(rtype):
-                if resource.get("status") in done:
-                    continue
-                concepts = [c for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
-                if not concepts:
-                    continue
+            for resource, concepts in self._stated_reason_concepts(rtype):
                 matched = [vs for vs in definition.valuesets if self.match(vs, concepts) is not None]
                 if not matched:
                     continue
@@ -900,6 +899,21 @@ class FactContext:
                     )
                 )
         return items
+
+    def _stated_reason_concepts(self, rtype: str) -> list[tuple[Resource, list[dict[str, Any]]]]:
+        """The record's resources of `rtype` that state a reason (reasonCode concepts) and were not cancelled,
+        planned or not done, with those concepts: once per type, every diagnosis fact with reasons reads them."""
+        found = self._reason_concepts.get(rtype)
+        if found is None:
+            found = []
+            for resource in self.record.of_type(rtype):
+                if resource.get("status") in _NOT_A_STATED_REASON:
+                    continue
+                concepts = [c for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
+                if concepts:
+                    found.append((resource, concepts))
+            self._reason_concepts[rtype] = found
+        return found
 
     def _select_observations(self, definition: SelectFact) -> Fact:
         """Observation facts read every result shape (value[x], components, panel members) through
