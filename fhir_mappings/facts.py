@@ -608,9 +608,10 @@ _NOT_A_STATED_REASON = frozenset({"entered-in-error", "cancelled", "not-done", "
 
 class ObservationCodes(NamedTuple):
     """The codes of an Observation without hasMember that decide whether `readings` can find a result in it:
-    its own code and its components' codes (dict concepts only), with their joint content key."""
+    its own code and its components' codes (dict concepts only), with the number of their distinct content
+    (Observations with the same codes share it: a fact decides once per number, without hashing the codes)."""
 
-    key: tuple[Any, ...]
+    key: int
     own: dict[str, Any] | None
     components: tuple[dict[str, Any], ...]
 
@@ -713,6 +714,7 @@ class FactContext:
         resolved through the record: read through `readings` every time)."""
         if self._plan is None:
             plan: list[tuple[Resource, ObservationCodes | None]] = []
+            numbers: dict[tuple[Any, ...], int] = {}
             for observation in self.record.of_type("Observation"):
                 if observation.get("hasMember"):
                     plan.append((observation, None))
@@ -725,7 +727,8 @@ class FactContext:
                     _concept_key(own) if own is not None else None,
                     tuple(_concept_key(c) for c in inside),
                 )
-                plan.append((observation, ObservationCodes(key, own, inside)))
+                number = numbers.setdefault(key, len(numbers))
+                plan.append((observation, ObservationCodes(number, own, inside)))
             self._plan = plan
         return self._plan
 
@@ -929,7 +932,7 @@ class FactContext:
 
         items: list[Item] = []
         seen: set[str] = set()
-        wanted: dict[tuple[Any, ...], bool] = {}  # per distinct set of codes: can an Observation with them be read here
+        wanted: dict[int, bool] = {}  # per distinct set of codes: can an Observation with them be read here
         for observation, codes in self._observation_plan():
             if codes is not None:
                 # An Observation without hasMember yields a reading only when its code or a component's code is
