@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from jsonpath_ng.ext import parse as jsonpath_parse
@@ -602,6 +602,20 @@ def numeric(value: Any) -> Any:
     return value
 
 
+# Statuses of a resource whose reasonCode is not a stated diagnosis (it did not happen, or not yet).
+_NOT_A_STATED_REASON = frozenset({"entered-in-error", "cancelled", "not-done", "planned"})
+
+
+class ObservationCodes(NamedTuple):
+    """The codes of an Observation without hasMember that decide whether `readings` can find a result in it:
+    its own code and its components' codes (dict concepts only), with the number of their distinct content
+    (Observations with the same codes share it: a fact decides once per number, without hashing the codes)."""
+
+    key: int
+    own: dict[str, Any] | None
+    components: tuple[dict[str, Any], ...]
+
+
 class FactContext:
     """Computes facts for one (record, order group) evaluation, each at most once."""
 
@@ -620,8 +634,9 @@ class FactContext:
             self._matches.clear()
         self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._verdicts: dict[tuple[int, int], bool | None] = {}
-        self._plan: list[tuple[Resource, tuple[Any, ...] | None]] | None = None
+        self._plan: list[tuple[Resource, ObservationCodes | None]] | None = None
         self._availability: dict[tuple[str, ...], Availability] = {}
+        self._reason_concepts: dict[str, list[tuple[Resource, list[dict[str, Any]]]]] = {}
 
     def fact(self, name: str) -> Fact:
         cached = self._cache.get(name)
@@ -693,16 +708,27 @@ class FactContext:
         """The drug concepts of a medication resource, following medicationReference through the record."""
         return medication_concepts(resource, lambda ref, holder: self.record.resolve(ref, within=holder))
 
-    def _observation_plan(self) -> list[tuple[Resource, tuple[Any, ...] | None]]:
-        """The record's Observations in order, each with its code's content key when it is a plain one (a coded
-        Observation without component or hasMember), else None (read through `readings` every time)."""
+    def _observation_plan(self) -> list[tuple[Resource, ObservationCodes | None]]:
+        """The record's Observations in order, each with the codes that decide whether it can yield a reading
+        (its own code and its components' codes) when it has no hasMember, else None (a panel's members are
+        resolved through the record: read through `readings` every time)."""
         if self._plan is None:
-            plan: list[tuple[Resource, tuple[Any, ...] | None]] = []
+            plan: list[tuple[Resource, ObservationCodes | None]] = []
+            numbers: dict[tuple[Any, ...], int] = {}
             for observation in self.record.of_type("Observation"):
+                if observation.get("hasMember"):
+                    plan.append((observation, None))
+                    continue
                 code = observation.get("code")
-                plain = isinstance(code, dict) and not observation.get("component")
-                plain = plain and not observation.get("hasMember")
-                plan.append((observation, _concept_key(code) if plain else None))
+                own = code if isinstance(code, dict) else None
+                parts = [c.get("code") for c in as_list(observation.get("component")) if isinstance(c, dict)]
+                inside = tuple(c for c in parts if isinstance(c, dict))
+                key = (
+                    _concept_key(own) if own is not None else None,
+                    tuple(_concept_key(c) for c in inside),
+                )
+                number = numbers.setdefault(key, len(numbers))
+                plan.append((observation, ObservationCodes(number, own, inside)))
             self._plan = plan
         return self._plan
 
@@ -853,15 +879,9 @@ class FactContext:
             "MedicationRequest": ("authoredOn",),
             "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
         }
-        done = {"entered-in-error", "cancelled", "not-done", "planned"}
         items: list[Item] = []
         for rtype in definition.reasons.types:
-            for resource in self.record.of_type(rtype):
-                if resource.get("status") in done:
-                    continue
-                concepts = [c for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
-                if not concepts:
-                    continue
+            for resource, concepts in self._stated_reason_concepts(rtype):
                 matched = [vs for vs in definition.valuesets if self.match(vs, concepts) is not None]
                 if not matched:
                     continue
@@ -883,6 +903,21 @@ class FactContext:
                 )
         return items
 
+    def _stated_reason_concepts(self, rtype: str) -> list[tuple[Resource, list[dict[str, Any]]]]:
+        """The record's resources of `rtype` that state a reason (reasonCode concepts) and were not cancelled,
+        planned or not done, with those concepts: once per type, every diagnosis fact with reasons reads them."""
+        found = self._reason_concepts.get(rtype)
+        if found is None:
+            found = []
+            for resource in self.record.of_type(rtype):
+                if resource.get("status") in _NOT_A_STATED_REASON:
+                    continue
+                concepts = [c for c in as_list(resource.get("reasonCode")) if isinstance(c, dict)]
+                if concepts:
+                    found.append((resource, concepts))
+            self._reason_concepts[rtype] = found
+        return found
+
     def _select_observations(self, definition: SelectFact) -> Fact:
         """Observation facts read every result shape (value[x], components, panel members) through
         `reading.values`; each result found is one item, deduplicated by the Observation that holds it."""
@@ -897,15 +932,18 @@ class FactContext:
 
         items: list[Item] = []
         seen: set[str] = set()
-        wanted: dict[tuple[Any, ...], bool] = {}  # per distinct code: can a plain Observation with it be read here
-        for observation, code_key in self._observation_plan():
-            if code_key is not None:
-                # A plain Observation (no component, no hasMember) yields a reading only when its code is selected
-                # or is a panel carrying its own value: decided once per distinct code, not per Observation.
-                decided = wanted.get(code_key)
+        wanted: dict[int, bool] = {}  # per distinct set of codes: can an Observation with them be read here
+        for observation, codes in self._observation_plan():
+            if codes is not None:
+                # An Observation without hasMember yields a reading only when its code or a component's code is
+                # selected, or its code is a panel (`readings` reads nothing else): decided once per distinct set
+                # of codes, not per Observation.
+                decided = wanted.get(codes.key)
                 if decided is None:
-                    code = observation["code"]
-                    decided = wanted[code_key] = selects(code) or bool(definition.panel and is_panel(code))
+                    own = codes.own
+                    decided = wanted[codes.key] = (
+                        own is not None and (selects(own) or bool(definition.panel and is_panel(own)))
+                    ) or any(selects(c) for c in codes.components)
                 if not decided:
                     continue
             status = self.verdict(definition.status_filter, observation) if definition.status_filter else True

@@ -292,6 +292,9 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
     by the encounter) and members of an active CareTeam (dated today: the team is current; a member whose
     participation period has ended does not count)."""
     items: list[Item] = []
+    # The same few clinicians take part in many encounters: their roles are looked up once per resolved
+    # practitioner (a lookup depends on nothing else), keyed by the id of the record's resource.
+    by_target: dict[int, RoleLookup] = {}
     for encounter in ctx.record.of_type("Encounter"):
         if status(encounter) not in DONE_STATUSES["Encounter"]:
             continue
@@ -300,7 +303,12 @@ def care_relationships(ctx: FactContext, params: Mapping[str, Any], fact: Derive
             individual = participant.get("individual") if isinstance(participant, dict) else None
             if not isinstance(individual, dict):
                 continue
-            lookup = lookup_roles(ctx, individual, params["roles"], within=encounter)
+            target = ctx.record.resolve(individual, within=encounter)
+            if target is None:
+                continue  # lookup_roles finds no role for what cannot be resolved
+            lookup = by_target.get(id(target))
+            if lookup is None:
+                lookup = by_target[id(target)] = lookup_roles(ctx, individual, params["roles"], within=encounter)
             for label, match in lookup.labels.items():
                 items.append(
                     ctx.item_for(encounter, match, span=span, fields={"role": label}, note=f"{label} encounter")

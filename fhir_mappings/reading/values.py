@@ -106,22 +106,25 @@ def own_value(observation: Mapping[str, Any], prefix: str = "") -> Reading:
     there is none, a "none" reading when it has neither (the code alone may state the finding)."""
     interpretation = interpretation_codes(observation)
     ref_range = reference_range(observation)
+    # The holder is the element itself, not a copy: facts memoise per-resource verdicts by id(), and a copy per
+    # reading would both cost a status evaluation each and reuse the ids of earlier, collected copies.
+    holder = observation if isinstance(observation, dict) else dict(observation)
     for key in _VALUE_KEYS:
         if key in observation and observation[key] is not None:
             kind = "CodeableConcept" if key == "valueCodeableConcept" else key[5:]
             if kind in ("Integer", "String", "Boolean"):
                 kind = kind.lower()
-            return Reading(dict(observation), prefix + key, kind, observation[key], interpretation, ref_range)
+            return Reading(holder, prefix + key, kind, observation[key], interpretation, ref_range)
     if observation.get("dataAbsentReason") is not None:
         return Reading(
-            dict(observation),
+            holder,
             prefix + "dataAbsentReason",
             "absent",
             observation["dataAbsentReason"],
             interpretation,
             ref_range,
         )
-    return Reading(dict(observation), prefix.rstrip(".") or "code", "none", None, interpretation, ref_range)
+    return Reading(holder, prefix.rstrip(".") or "code", "none", None, interpretation, ref_range)
 
 
 def readings(
