@@ -33,7 +33,7 @@ from fhir_mappings.orders import OrderGroup
 from fhir_mappings.reading.dates import DateSpan, parse_span
 from fhir_mappings.reading.text import normalise
 from fhir_mappings.reading.values import CodeTest, PolarityReading, Reading, read_polarity, readings
-from fhir_mappings.record import Availability, PatientRecord, as_list, medication_concepts
+from fhir_mappings.record import Availability, PatientRecord, as_list, medication_concepts, weakest
 from fhir_mappings.rules import Item
 from fhir_mappings.valuesets import CodeMatch, ValueSetRegistry
 
@@ -635,7 +635,6 @@ class FactContext:
         self._concept_keys: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self._verdicts: dict[tuple[int, int], bool | None] = {}
         self._plan: list[tuple[Resource, ObservationCodes | None]] | None = None
-        self._availability: dict[tuple[str, ...], Availability] = {}
         self._reason_concepts: dict[str, list[tuple[Resource, list[dict[str, Any]]]]] = {}
 
     def fact(self, name: str) -> Fact:
@@ -663,19 +662,8 @@ class FactContext:
 
     # -- helpers shared with derivations ------------------------------------------------------------
     def availability(self, *resource_types: str) -> Availability:
-        """The weakest availability of the types (once per combination: every fact's `make_fact` asks)."""
-        known = self._availability.get(resource_types)
-        if known is None:
-            known = self._availability[resource_types] = self._availability_of(resource_types)
-        return known
-
-    def _availability_of(self, resource_types: tuple[str, ...]) -> Availability:
-        states = [self.record.availability(t) for t in resource_types]
-        if all(s is Availability.READ for s in states):
-            return Availability.READ
-        if all(s is Availability.UNAVAILABLE for s in states):
-            return Availability.UNAVAILABLE
-        return Availability.PARTIAL
+        """The weakest availability of the types (each memoised by the record)."""
+        return weakest(self.record.availability(t) for t in resource_types)
 
     def make_fact(
         self, name: str, items: list[Item], reads: Iterable[str], detail: str = "", value: Any = None

@@ -27,6 +27,16 @@ class Availability(StrEnum):
     UNAVAILABLE = "unavailable"  # nothing usable: neither prefetched nor fetched
 
 
+def weakest(states: Iterable[Availability]) -> Availability:
+    """READ when all are read (also when there are none), UNAVAILABLE when none is usable, else PARTIAL."""
+    states = list(states)
+    if all(s is Availability.READ for s in states):
+        return Availability.READ
+    if all(s is Availability.UNAVAILABLE for s in states):
+        return Availability.UNAVAILABLE
+    return Availability.PARTIAL
+
+
 @dataclass(frozen=True)
 class QueryOutcome:
     """What happened to one prefetch query (a key of the discovery `prefetch` object)."""
@@ -180,13 +190,7 @@ class PatientRecord:
 
     def _availability_of(self, resource_type: str) -> Availability:
         outcomes = [q.availability for q in self.queries.values() if resource_type in q.resource_types]
-        if not outcomes:
-            return Availability.UNAVAILABLE
-        if all(a is Availability.READ for a in outcomes):
-            return Availability.READ
-        if all(a is Availability.UNAVAILABLE for a in outcomes):
-            return Availability.UNAVAILABLE
-        return Availability.PARTIAL
+        return weakest(outcomes) if outcomes else Availability.UNAVAILABLE
 
     def unavailable_queries(self) -> list[QueryOutcome]:
         return [q for q in self.queries.values() if q.availability is not Availability.READ]
